@@ -1,0 +1,426 @@
+# CPU building blocks of the MoE ops: register-blocked SIMD micro-kernels for the
+# two weight layouts, and the grouped (per-expert) gate_up / down drivers.
+#
+# Notation: S = T*top_k routed (token, k) pairs ("slots"); rows of the grouped
+# GEMMs are the slots sorted by expert: sorted row p holds slot perm[p], whose
+# token is perm[p] // top_k; expert e owns sorted rows offsets[e] ..< offsets[e+1].
+#
+# Two micro-kernels, chosen by the weight layout (a compile-time parameter):
+# * "outer" (hub layout, W[e] is [K, N], out = a @ W[e]): MR rows x (NB groups of
+#   NV SIMD vectors of columns) of the output live in registers; the K loop loads
+#   NB*NV weight vectors and broadcasts one activation per row.
+# * "dot" (transformers layout, W[e] is [N, K], out = W[e] @ a): MR rows x NC
+#   weight rows; each accumulator is a SIMD vector along K, reduced at the end.
+# Both accumulate in float32, whatever the storage dtype (float32 or bfloat16).
+from std.math import exp, ceildiv
+from std.sys import simd_width_of
+from max.algorithm import parallelize
+
+comptime F32 = DType.float32
+comptime VEC = simd_width_of[DType.float32]()     # 16 with AVX-512, 8 with AVX2
+
+# Register blocking (AVX-512 has 32 vector registers: 24 accumulators here).
+comptime GU_MR = 6       # gate_up outer: 6 rows x (gate 2 vectors + up 2 vectors)
+comptime GU_NV = 2
+comptime DN_MR = 6       # down outer: 6 rows x 4 vectors
+comptime DN_NV = 4
+comptime DOT_MR = 4      # dot kernels: 4 rows x 6 weight rows (3 gate + 3 up for gate_up)
+comptime DOT_NC = 6
+comptime DOT_COLS_PER_TASK = 48   # output columns per parallel task in the dot kernels
+comptime ROWS_PER_CHUNK = 96      # sorted rows per parallel task (multiple of 6 and 4)
+
+
+@always_inline
+def silu(g: SIMD[F32, _]) -> type_of(g):
+    return g / (1 + exp(-g))
+
+
+@always_inline
+def round_to[dtype: DType](v: SIMD[F32, _]) -> type_of(v):
+    """Round a float32 value to `dtype` and back (identity for float32)."""
+    comptime if dtype == F32:
+        return v
+    else:
+        return v.cast[dtype]().cast[F32]()
+
+
+@always_inline
+def swiglu[dtype: DType](g: SIMD[F32, _], u: type_of(g)) -> type_of(g):
+    """h = silu(gate) * up with the rounding steps of torch in `dtype`.
+
+    In bfloat16 transformers rounds the gate_up GEMM output, silu(gate) and the
+    product to bf16 (each op computes in float32 and rounds its result).
+    """
+    var gr = round_to[dtype](g)
+    var ur = round_to[dtype](u)
+    return round_to[dtype](silu(gr)) * ur
+
+
+# ----------------------------------------------------------------------------- micro-kernels
+@always_inline
+def outer_tile[
+    dtype: DType, MR: Int, NB: Int, NV: Int, VW: Int
+](
+    a: Array[Pointer[Scalar[dtype], MutAnyOrigin], MR],
+    b: Array[Pointer[Scalar[dtype], MutAnyOrigin], NB],
+    ldb: Int,
+    K: Int,
+) -> Array[SIMD[F32, VW], MR * NB * NV]:
+    """acc[r, g, v] = sum_k a[r][k] * b[g][k*ldb + v*VW ..< +VW]  (float32)."""
+    comptime NBV = NB * NV
+    var acc = Array[SIMD[F32, VW], MR * NBV](fill=0)
+    for k in range(K):
+        var bv = Array[SIMD[F32, VW], NBV](fill=0)
+        comptime for g in range(NB):
+            comptime for v in range(NV):
+                bv[g * NV + v] = b[g].unsafe_load[width=VW](k * ldb + v * VW).cast[F32]()
+        comptime for r in range(MR):
+            var av = SIMD[F32, VW](a[r].unsafe_load[width=1](k).cast[F32]())
+            comptime for i in range(NBV):
+                acc[r * NBV + i] = av.fma(bv[i], acc[r * NBV + i])
+    return acc^
+
+
+@always_inline
+def dot_tile[
+    dtype: DType, MR: Int, NC: Int
+](
+    a: Array[Pointer[Scalar[dtype], MutAnyOrigin], MR],
+    b: Array[Pointer[Scalar[dtype], MutAnyOrigin], NC],
+    K: Int,
+) -> Array[Float32, MR * NC]:
+    """out[r, c] = sum_k a[r][k] * b[c][k]  (float32 accumulation)."""
+    var acc = Array[SIMD[F32, VEC], MR * NC](fill=0)
+    var k = 0
+    while k + VEC <= K:
+        var bv = Array[SIMD[F32, VEC], NC](fill=0)
+        comptime for c in range(NC):
+            bv[c] = b[c].unsafe_load[width=VEC](k).cast[F32]()
+        comptime for r in range(MR):
+            var av = a[r].unsafe_load[width=VEC](k).cast[F32]()
+            comptime for c in range(NC):
+                acc[r * NC + c] = av.fma(bv[c], acc[r * NC + c])
+        k += VEC
+    var out = Array[Float32, MR * NC](fill=0)
+    comptime for i in range(MR * NC):
+        out[i] = acc[i].reduce_add()
+    while k < K:
+        comptime for r in range(MR):
+            var av = a[r].unsafe_load[width=1](k).cast[F32]()
+            comptime for c in range(NC):
+                out[r * NC + c] += av * b[c].unsafe_load[width=1](k).cast[F32]()
+        k += 1
+    return out^
+
+
+# ----------------------------------------------------------------------------- work split
+def row_chunks(offsets: Pointer[Int32, MutAnyOrigin], E: Int) -> List[Int]:
+    """Flat (expert, row_begin, row_end) triples covering every expert's sorted rows
+    in chunks of at most ROWS_PER_CHUNK rows (empty experts get none)."""
+    var chunks = List[Int]()
+    for e in range(E):
+        var r = Int(offsets[unsafe_offset=e])
+        var end = Int(offsets[unsafe_offset=e + 1])
+        while r < end:
+            var stop = min(r + ROWS_PER_CHUNK, end)
+            chunks.append(e)
+            chunks.append(r)
+            chunks.append(stop)
+            r = stop
+    return chunks^
+
+
+def check_offsets(offsets: Pointer[Int32, MutAnyOrigin], E: Int, S: Int) raises:
+    if Int(offsets[unsafe_offset=0]) != 0 or Int(offsets[unsafe_offset=E]) != S:
+        raise Error("moe: offsets must start at 0 and end at T*top_k")
+    for e in range(E):
+        if offsets[unsafe_offset=e] > offsets[unsafe_offset=e + 1]:
+            raise Error("moe: offsets must be non-decreasing")
+
+
+# ----------------------------------------------------------------------------- gate_up
+@always_inline
+def _gu_outer_cols[
+    dtype: DType, NV: Int, VW: Int
+](
+    h: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w_e: Pointer[Scalar[dtype], MutAnyOrigin],
+    perm: Pointer[Int32, MutAnyOrigin],
+    r0: Int, r1: Int, j: Int, top_k: Int, H: Int, I: Int,
+):
+    """h[p, j ..< j+NV*VW] for sorted rows r0 ..< r1 (hub layout W[e] = [H, 2I])."""
+    comptime MR = GU_MR
+    var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 2](fill=w_e.unsafe_offset(j))
+    b[1] = w_e.unsafe_offset(I + j)
+    var r = r0
+    while r < r1:
+        var rows = min(MR, r1 - r)
+        var a = Array[Pointer[Scalar[dtype], MutAnyOrigin], MR](fill=x)
+        comptime for i in range(MR):
+            # rows past the end repeat the last real row (computed, not stored)
+            var p = r + min(i, rows - 1)
+            a[i] = x.unsafe_offset((Int(perm[unsafe_offset=p]) // top_k) * H)
+        var acc = outer_tile[dtype, MR, 2, NV, VW](a, b, 2 * I, H)
+        comptime for i in range(MR):
+            if i < rows:
+                var dst = h.unsafe_offset((r + i) * I + j)
+                comptime for v in range(NV):
+                    var hv = swiglu[dtype](acc[i * 2 * NV + v], acc[i * 2 * NV + NV + v])
+                    dst.unsafe_store(v * VW, hv.cast[dtype]())
+        r += MR
+
+
+@always_inline
+def _gu_dot_cols[
+    dtype: DType, NC: Int
+](
+    h: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w_e: Pointer[Scalar[dtype], MutAnyOrigin],
+    perm: Pointer[Int32, MutAnyOrigin],
+    r0: Int, r1: Int, j: Int, top_k: Int, H: Int, I: Int,
+):
+    """h[p, j ..< j+NC] for sorted rows r0 ..< r1 (transformers layout W[e] = [2I, H])."""
+    comptime MR = DOT_MR
+    var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 2 * NC](fill=w_e)
+    comptime for c in range(NC):
+        b[c] = w_e.unsafe_offset((j + c) * H)
+        b[NC + c] = w_e.unsafe_offset((I + j + c) * H)
+    var r = r0
+    while r < r1:
+        var rows = min(MR, r1 - r)
+        var a = Array[Pointer[Scalar[dtype], MutAnyOrigin], MR](fill=x)
+        comptime for i in range(MR):
+            var p = r + min(i, rows - 1)
+            a[i] = x.unsafe_offset((Int(perm[unsafe_offset=p]) // top_k) * H)
+        var acc = dot_tile[dtype, MR, 2 * NC](a, b, H)
+        comptime for i in range(MR):
+            if i < rows:
+                comptime for c in range(NC):
+                    var hv = swiglu[dtype](
+                        SIMD[F32, 1](acc[i * 2 * NC + c]), SIMD[F32, 1](acc[i * 2 * NC + NC + c])
+                    )
+                    h[unsafe_offset=(r + i) * I + j + c] = hv.cast[dtype]()
+        r += MR
+
+
+def gate_up_cpu[
+    dtype: DType, hub: Bool
+](
+    h: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    perm: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    E: Int, top_k: Int, H: Int, I: Int,
+):
+    """h[p, :] = silu(x[tok] @ Wg) * (x[tok] @ Wu) for every sorted row p of every expert."""
+    var chunks = row_chunks(offsets, E)
+    var n_chunks = len(chunks) // 3
+    if n_chunks == 0 or I == 0:
+        return
+    var cp = chunks.unsafe_ptr()
+    comptime if hub:
+        comptime NBW = GU_NV * VEC
+        var n_tiles = ceildiv(I, NBW)
+
+        def task_outer(t: Int) {var h, var x, var w, var perm, var cp, var n_tiles, var top_k, var H, var I}:
+            var c = t // n_tiles
+            var j = (t % n_tiles) * NBW
+            var e = cp[unsafe_offset=3 * c]
+            var r0 = cp[unsafe_offset=3 * c + 1]
+            var r1 = cp[unsafe_offset=3 * c + 2]
+            var w_e = w.unsafe_offset(e * H * 2 * I)
+            if j + NBW <= I:
+                _gu_outer_cols[dtype, GU_NV, VEC](h, x, w_e, perm, r0, r1, j, top_k, H, I)
+                return
+            while j + VEC <= I:
+                _gu_outer_cols[dtype, 1, VEC](h, x, w_e, perm, r0, r1, j, top_k, H, I)
+                j += VEC
+            while j < I:
+                _gu_outer_cols[dtype, 1, 1](h, x, w_e, perm, r0, r1, j, top_k, H, I)
+                j += 1
+
+        parallelize(task_outer, n_chunks * n_tiles)
+    else:
+        comptime NC = DOT_NC // 2
+        comptime NT = DOT_COLS_PER_TASK
+        var n_tiles = ceildiv(I, NT)
+
+        def task_dot(t: Int) {var h, var x, var w, var perm, var cp, var n_tiles, var top_k, var H, var I}:
+            var c = t // n_tiles
+            var j = (t % n_tiles) * NT
+            var j_end = min(j + NT, I)
+            var e = cp[unsafe_offset=3 * c]
+            var r0 = cp[unsafe_offset=3 * c + 1]
+            var r1 = cp[unsafe_offset=3 * c + 2]
+            var w_e = w.unsafe_offset(e * 2 * I * H)
+            while j + NC <= j_end:
+                _gu_dot_cols[dtype, NC](h, x, w_e, perm, r0, r1, j, top_k, H, I)
+                j += NC
+            while j < j_end:
+                _gu_dot_cols[dtype, 1](h, x, w_e, perm, r0, r1, j, top_k, H, I)
+                j += 1
+
+        parallelize(task_dot, n_chunks * n_tiles)
+
+
+# ----------------------------------------------------------------------------- down
+@always_inline
+def _dn_outer_cols[
+    dtype: DType, NV: Int, VW: Int
+](
+    ws: Pointer[Scalar[dtype], MutAnyOrigin],
+    hs: Pointer[Scalar[dtype], MutAnyOrigin],
+    w_e: Pointer[Scalar[dtype], MutAnyOrigin],
+    perm: Pointer[Int32, MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    r0: Int, r1: Int, n: Int, H: Int, I: Int,
+):
+    """ws[slot, n ..< n+NV*VW] = rw[slot] * (h[p] @ W[e])[n ...] (hub layout W[e] = [I, H])."""
+    comptime MR = DN_MR
+    var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 1](fill=w_e.unsafe_offset(n))
+    var r = r0
+    while r < r1:
+        var rows = min(MR, r1 - r)
+        var a = Array[Pointer[Scalar[dtype], MutAnyOrigin], MR](fill=hs)
+        comptime for i in range(MR):
+            a[i] = hs.unsafe_offset((r + min(i, rows - 1)) * I)
+        var acc = outer_tile[dtype, MR, 1, NV, VW](a, b, H, I)
+        comptime for i in range(MR):
+            if i < rows:
+                var slot = Int(perm[unsafe_offset=r + i])
+                var wt = rw[unsafe_offset=slot].cast[F32]()
+                var dst = ws.unsafe_offset(slot * H + n)
+                comptime for v in range(NV):
+                    # torch: (h @ W) rounded to dtype, times the routing weight, rounded
+                    var o = round_to[dtype](acc[i * NV + v]) * wt
+                    dst.unsafe_store(v * VW, o.cast[dtype]())
+        r += MR
+
+
+@always_inline
+def _dn_dot_cols[
+    dtype: DType, NC: Int
+](
+    ws: Pointer[Scalar[dtype], MutAnyOrigin],
+    hs: Pointer[Scalar[dtype], MutAnyOrigin],
+    w_e: Pointer[Scalar[dtype], MutAnyOrigin],
+    perm: Pointer[Int32, MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    r0: Int, r1: Int, n: Int, H: Int, I: Int,
+):
+    """ws[slot, n ..< n+NC] (transformers layout W[e] = [H, I])."""
+    comptime MR = DOT_MR
+    var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], NC](fill=w_e)
+    comptime for c in range(NC):
+        b[c] = w_e.unsafe_offset((n + c) * I)
+    var r = r0
+    while r < r1:
+        var rows = min(MR, r1 - r)
+        var a = Array[Pointer[Scalar[dtype], MutAnyOrigin], MR](fill=hs)
+        comptime for i in range(MR):
+            a[i] = hs.unsafe_offset((r + min(i, rows - 1)) * I)
+        var acc = dot_tile[dtype, MR, NC](a, b, I)
+        comptime for i in range(MR):
+            if i < rows:
+                var slot = Int(perm[unsafe_offset=r + i])
+                var wt = rw[unsafe_offset=slot].cast[F32]()
+                comptime for c in range(NC):
+                    var o = round_to[dtype](SIMD[F32, 1](acc[i * NC + c])) * wt
+                    ws[unsafe_offset=slot * H + n + c] = o.cast[dtype]()
+        r += MR
+
+
+def down_cpu[
+    dtype: DType, hub: Bool
+](
+    ws: Pointer[Scalar[dtype], MutAnyOrigin],
+    hs: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    perm: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    E: Int, H: Int, I: Int,
+):
+    """ws[perm[p], :] = rw[perm[p]] * (h[p] @ Wdown[e]) for every sorted row p."""
+    var chunks = row_chunks(offsets, E)
+    var n_chunks = len(chunks) // 3
+    if n_chunks == 0 or H == 0:
+        return
+    var cp = chunks.unsafe_ptr()
+    comptime if hub:
+        comptime NBW = DN_NV * VEC
+        var n_tiles = ceildiv(H, NBW)
+
+        def task_outer(t: Int) {var ws, var hs, var w, var perm, var rw, var cp, var n_tiles, var H, var I}:
+            var c = t // n_tiles
+            var n = (t % n_tiles) * NBW
+            var e = cp[unsafe_offset=3 * c]
+            var r0 = cp[unsafe_offset=3 * c + 1]
+            var r1 = cp[unsafe_offset=3 * c + 2]
+            var w_e = w.unsafe_offset(e * I * H)
+            if n + NBW <= H:
+                _dn_outer_cols[dtype, DN_NV, VEC](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
+                return
+            while n + VEC <= H:
+                _dn_outer_cols[dtype, 1, VEC](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
+                n += VEC
+            while n < H:
+                _dn_outer_cols[dtype, 1, 1](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
+                n += 1
+
+        parallelize(task_outer, n_chunks * n_tiles)
+    else:
+        comptime NC = DOT_NC
+        comptime NT = DOT_COLS_PER_TASK
+        var n_tiles = ceildiv(H, NT)
+
+        def task_dot(t: Int) {var ws, var hs, var w, var perm, var rw, var cp, var n_tiles, var H, var I}:
+            var c = t // n_tiles
+            var n = (t % n_tiles) * NT
+            var n_end = min(n + NT, H)
+            var e = cp[unsafe_offset=3 * c]
+            var r0 = cp[unsafe_offset=3 * c + 1]
+            var r1 = cp[unsafe_offset=3 * c + 2]
+            var w_e = w.unsafe_offset(e * H * I)
+            while n + NC <= n_end:
+                _dn_dot_cols[dtype, NC](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
+                n += NC
+            while n < n_end:
+                _dn_dot_cols[dtype, 1](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
+                n += 1
+
+        parallelize(task_dot, n_chunks * n_tiles)
+
+
+def combine_cpu[
+    dtype: DType
+](
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    ws: Pointer[Scalar[dtype], MutAnyOrigin],
+    T: Int, top_k: Int, H: Int,
+):
+    """y[t, :] = sum_k ws[t, k, :] in top-k order, float32 accumulation, rounded once."""
+    if T == 0 or H == 0:
+        return
+    comptime ROWS = 8
+
+    def task(i: Int) {var y, var ws, var T, var top_k, var H}:
+        for t in range(i * ROWS, min(i * ROWS + ROWS, T)):
+            var n = 0
+            while n + VEC <= H:
+                var acc = SIMD[F32, VEC](0)
+                for k in range(top_k):
+                    acc += ws.unsafe_load[width=VEC]((t * top_k + k) * H + n).cast[F32]()
+                y.unsafe_store(t * H + n, acc.cast[dtype]())
+                n += VEC
+            while n < H:
+                var acc = Float32(0)
+                for k in range(top_k):
+                    acc += ws[unsafe_offset=(t * top_k + k) * H + n].cast[F32]()
+                y[unsafe_offset=t * H + n] = acc.cast[dtype]()
+                n += 1
+
+    parallelize(task, ceildiv(T, ROWS))

@@ -1,0 +1,76 @@
+import extensibility
+from extensibility import InputTensor, OutputTensor
+from max.gpu.host import DeviceContext
+
+from .cpu_gemm import combine_cpu, down_cpu
+from .gpu_gemm import enqueue_down_gpu
+
+
+@extensibility.register("moe_down")
+struct MoeDown:
+    """Grouped down GEMM with the routing weight and the un-permute fused, then the
+    deterministic sum over the top-k slots of each token.
+
+    For every sorted row p owned by expert e, with slot s = perm[p] = t*top_k + k:
+        ws[t, k, :] = rw[t, k] * (h[p] @ Wd_e)        ([H]; float32 accumulation)
+    then  y[t, :] = sum_{k=0..top_k-1} ws[t, k, :]   (float32 sum in top-k order)
+    which is transformers' default grouped_mm combine. In bfloat16 the GEMM result and
+    its product with the weight are rounded to bf16 (as torch does), the sum is float32
+    rounded once.
+
+    Shapes: y [T, H], ws [T, top_k, H] (same dtype as h; a workspace output),
+    h [T, top_k, I] from `moe_gate_up`, w = down weights:
+        hub_layout=True  -> [E, I, H]  (out = h @ w[e])
+        hub_layout=False -> [E, H, I]  (out = w[e] @ h)
+    perm [T, top_k] int32, offsets [E+1] int32, rw [T, top_k] routing weights (h's dtype).
+    GPU: bf16 on tensor cores (mma.sync m16n8k16), float32 with a tiled FMA kernel.
+    """
+
+    @staticmethod
+    def execute[target: StaticString, hub_layout: Bool](
+        y: OutputTensor[rank=2, ...],
+        ws: OutputTensor[dtype=y.dtype, rank=3, ...],
+        h: InputTensor[dtype=y.dtype, rank=3, ...],
+        w: InputTensor[dtype=y.dtype, rank=3, ...],
+        perm: InputTensor[dtype=DType.int32, rank=2, ...],
+        offsets: InputTensor[dtype=DType.int32, rank=1, ...],
+        rw: InputTensor[dtype=y.dtype, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime dtype = y.dtype
+        var T = y.dim_size(0)
+        var H = y.dim_size(1)
+        var top_k = h.dim_size(1)
+        var I = h.dim_size(2)
+        var E = w.dim_size(0)
+        var w_k = w.dim_size(1) if hub_layout else w.dim_size(2)
+        var w_n = w.dim_size(2) if hub_layout else w.dim_size(1)
+        if w_k != I or w_n != H:
+            raise Error("moe_down: down weights do not match h [T, top_k, I] and y [T, H]")
+        if h.dim_size(0) != T or perm.dim_size(0) != T or perm.dim_size(1) != top_k:
+            raise Error("moe_down: h and perm must be [T, top_k, ...]")
+        if rw.dim_size(0) != T or rw.dim_size(1) != top_k:
+            raise Error("moe_down: routing weights must be [T, top_k]")
+        if ws.dim_size(0) != T or ws.dim_size(1) != top_k or ws.dim_size(2) != H:
+            raise Error("moe_down: workspace must be [T, top_k, H]")
+        if offsets.dim_size(0) != E + 1:
+            raise Error("moe_down: offsets must have num_experts + 1 entries")
+        var S = T * top_k
+        if T == 0 or H == 0:
+            return
+
+        comptime if target == "cpu":
+            if I == 0:
+                for i in range(T * H):
+                    y.unsafe_ptr()[unsafe_offset=i] = 0
+                return
+            down_cpu[dtype, hub_layout](
+                ws.unsafe_ptr(), h.unsafe_ptr(), w.unsafe_ptr(), perm.unsafe_ptr(),
+                offsets.unsafe_ptr(), rw.unsafe_ptr(), E, H, I,
+            )
+            combine_cpu[dtype](y.unsafe_ptr(), ws.unsafe_ptr(), T, top_k, H)
+        else:
+            enqueue_down_gpu[dtype, hub_layout](
+                ctx, y.unsafe_ptr(), ws.unsafe_ptr(), h.unsafe_ptr(), w.unsafe_ptr(),
+                perm.unsafe_ptr(), offsets.unsafe_ptr(), rw.unsafe_ptr(), T, top_k, E, H, I,
+            )

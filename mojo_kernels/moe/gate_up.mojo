@@ -1,0 +1,64 @@
+import extensibility
+from extensibility import InputTensor, OutputTensor
+from max.gpu.host import DeviceContext
+
+from .cpu_gemm import gate_up_cpu
+from .gpu_gemm import enqueue_gate_up_gpu
+
+
+@extensibility.register("moe_gate_up")
+struct MoeGateUp:
+    """Grouped gate_up GEMM of the routed rows with the SwiGLU epilogue fused.
+
+    For every sorted row p (0 <= p < S = T*top_k) owned by expert e
+    (offsets[e] <= p < offsets[e+1]) with token t = perm[p] // top_k:
+        g = x[t] @ Wg_e,  u = x[t] @ Wu_e            (float32 accumulation)
+        h[p, :] = silu(g) * u                        ([I], stored in x's dtype)
+    Only [S, I] is written; the [S, 2I] gate_up product is never materialised.
+
+    Shapes: h [T, top_k, I] (rows read flat, in sorted order), x [T, H],
+    w = gate_up weights: hub_layout=True  -> [E, H, 2I]  (g_u = x @ w[e], gate = first I columns)
+                         hub_layout=False -> [E, 2I, H]  (g_u = w[e] @ x, gate = first I rows)
+    perm [T, top_k] int32 and offsets [E+1] int32 from `moe_route`.
+    dtype: float32 or bfloat16 (x, w and h alike). In bfloat16, g, u, silu(g) and the
+    product are rounded to bf16 like torch's ops. GPU: bf16 on tensor cores (mma.sync
+    m16n8k16), float32 with a shared-memory tiled FMA kernel.
+    """
+
+    @staticmethod
+    def execute[target: StaticString, hub_layout: Bool](
+        h: OutputTensor[rank=3, ...],
+        x: InputTensor[dtype=h.dtype, rank=2, ...],
+        w: InputTensor[dtype=h.dtype, rank=3, ...],
+        perm: InputTensor[dtype=DType.int32, rank=2, ...],
+        offsets: InputTensor[dtype=DType.int32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime dtype = h.dtype
+        var T = x.dim_size(0)
+        var H = x.dim_size(1)
+        var E = w.dim_size(0)
+        var top_k = perm.dim_size(1)
+        var I = h.dim_size(2)
+        var w_k = w.dim_size(1) if hub_layout else w.dim_size(2)
+        var w_n = w.dim_size(2) if hub_layout else w.dim_size(1)
+        if w_k != H or w_n != 2 * I:
+            raise Error("moe_gate_up: gate_up weights do not match x [T, H] and h [T, top_k, I]")
+        if perm.dim_size(0) != T or h.dim_size(0) != T or h.dim_size(1) != top_k:
+            raise Error("moe_gate_up: perm and h must be [T, top_k, ...]")
+        if offsets.dim_size(0) != E + 1:
+            raise Error("moe_gate_up: offsets must have num_experts + 1 entries")
+        var S = T * top_k
+        if S == 0 or I == 0:
+            return
+
+        comptime if target == "cpu":
+            gate_up_cpu[dtype, hub_layout](
+                h.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), perm.unsafe_ptr(),
+                offsets.unsafe_ptr(), E, top_k, H, I,
+            )
+        else:
+            enqueue_gate_up_gpu[dtype, hub_layout](
+                ctx, h.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), perm.unsafe_ptr(),
+                offsets.unsafe_ptr(), T, top_k, E, H, I,
+            )

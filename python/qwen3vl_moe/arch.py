@@ -1,0 +1,59 @@
+"""MAX architecture registrations (``max serve/generate --custom-architectures qwen3vl_moe``).
+
+The tokenizer, request context and batch processor are MAX's own Qwen3-VL
+ones: they define the inputs contract this package's model honours.
+"""
+
+from __future__ import annotations
+
+from max.graph.weights import WeightsFormat
+from max.pipelines.architectures.qwen3vl_moe.batch_processor import Qwen3VLMoeBatchProcessor
+from max.pipelines.architectures.qwen3vl_moe.context import Qwen3VLTextAndVisionContext
+from max.pipelines.architectures.qwen3vl_moe.tokenizer import Qwen3VLTokenizer
+from max.pipelines.kv_cache.memory_planner import PagedMemoryPlanner
+from max.pipelines.lib import SupportedArchitecture
+from max.pipelines.modeling.types import InputModality, PipelineTask
+
+from .model import Qwen3VLModel
+from .model_config import Qwen3VLConfig
+from .weight_adapters import convert_qwen3vl_model_state_dict
+
+# Activations of the largest supported step, kept out of the KV cache budget.
+_ACTIVATION_RESERVATION_BYTES = 2 * 1024**3
+
+
+def _architecture(name: str, example_repo_ids: list[str]) -> SupportedArchitecture:
+    return SupportedArchitecture(
+        name=name,
+        task=PipelineTask.TEXT_GENERATION,
+        example_repo_ids=example_repo_ids,
+        default_weights_format=WeightsFormat.safetensors,
+        multi_gpu_supported=False,
+        input_modalities={InputModality.TEXT, InputModality.IMAGE},
+        default_encoding=Qwen3VLConfig.DEFAULT_ENCODING,
+        supported_encodings=Qwen3VLConfig.SUPPORTED_ENCODINGS - {"float8_e4m3fn"},
+        weight_adapters={WeightsFormat.safetensors: convert_qwen3vl_model_state_dict},
+        pipeline_model=Qwen3VLModel,
+        batching=Qwen3VLMoeBatchProcessor,
+        tokenizer=Qwen3VLTokenizer,
+        context_type=Qwen3VLTextAndVisionContext,
+        required_arguments={"enable_chunked_prefill": False},
+        config=Qwen3VLConfig,
+        memory_planner=PagedMemoryPlanner.with_activation_reservation(
+            _ACTIVATION_RESERVATION_BYTES, always_signal_buffers=True
+        ),
+        supports_overlap_scheduler=False,
+        supports_device_graph_capture=False,
+    )
+
+
+qwen3vl_moe_arch = _architecture(
+    "Qwen3VLMoeForConditionalGeneration",
+    ["Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3-VL-235B-A22B-Instruct"],
+)
+qwen3vl_arch = _architecture(
+    "Qwen3VLForConditionalGeneration",
+    ["Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"],
+)
+
+ARCHITECTURES = [qwen3vl_moe_arch, qwen3vl_arch]

@@ -1,0 +1,111 @@
+"""Graph wrappers for the vision-encoder Mojo ops in ``mojo_kernels/vision``.
+
+A graph that calls these must list the package in ``custom_extensions``::
+
+    from qwen3vl_moe.kernels import kernel_package
+    Graph(..., custom_extensions=[kernel_package("vision")])
+
+(or a ``.mojoc`` precompiled from it). Both ops run on CPU and GPU; the device
+is the device of the first input.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from max.dtype import DType
+from max.graph import Dim, TensorType, TensorValue, ops
+from max.graph import DimLike
+
+__all__ = ["varlen_attention", "bilinear_pos_embed"]
+
+_fresh = itertools.count()
+
+
+def varlen_attention(
+    q: TensorValue,
+    k: TensorValue,
+    v: TensorValue,
+    cu_seqlens: TensorValue,
+    *,
+    scale: float,
+) -> TensorValue:
+    """Bidirectional attention inside the segments given by ``cu_seqlens``.
+
+    ``out[i, h] = softmax_j(scale * q[i, h] . k[j, h]) @ v[j, h]`` over the keys
+    ``j`` of the segment that holds row ``i`` (no mask inside a segment, nothing
+    across segments), flash-style with float32 accumulation.
+
+    Args:
+        q, k, v: ``[N, heads, head_dim]``, float32 or bfloat16 (same dtype),
+            ``head_dim <= 128``.
+        cu_seqlens: ``[S + 1]`` segment boundaries, ``0 = c[0] <= ... <= c[S] = N``
+            (transformers' ``get_vision_cu_seqlens``). int32; any other integer
+            dtype is cast to int32 in the graph.
+        scale: softmax scale (``head_dim ** -0.5`` for Qwen3-VL). A compile-time
+            parameter: each distinct value is a separate kernel instantiation.
+
+    Returns:
+        ``[N, heads, head_dim]`` in the dtype of ``q``.
+    """
+    if q.dtype not in (DType.float32, DType.bfloat16):
+        raise TypeError(f"varlen_attention: q must be float32 or bfloat16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError("varlen_attention: q, k and v must have the same dtype")
+    if q.rank != 3 or k.rank != 3 or v.rank != 3 or cu_seqlens.rank != 1:
+        raise ValueError("varlen_attention: q, k, v must be [N, heads, head_dim], cu_seqlens [S+1]")
+    if cu_seqlens.dtype != DType.int32:
+        cu_seqlens = ops.cast(cu_seqlens, DType.int32)
+    return ops.custom(
+        "varlen_attention",
+        device=q.device,
+        values=[q, k, v, cu_seqlens],
+        out_types=[TensorType(q.dtype, q.shape, q.device)],
+        parameters={"scale": float(scale)},
+    )[0].tensor
+
+
+def bilinear_pos_embed(
+    table: TensorValue,
+    grid_thw: TensorValue,
+    *,
+    merge_size: int,
+    num_grid_per_side: int,
+    num_rows: DimLike | None = None,
+) -> TensorValue:
+    """Qwen3-VL position embeddings, bilinearly interpolated from the learned table.
+
+    Equal to transformers 5.12.1's ``get_vision_bilinear_indices_and_weights``
+    followed by ``(pos_embed(indices) * weights[:, :, None]).sum(0)``: rows in
+    merge-window order, repeated over ``t``, weights and sums in float32.
+
+    Args:
+        table: ``pos_embed.weight`` ``[num_position_embeddings, hidden]``, float32
+            or bfloat16.
+        grid_thw: ``[G, 3]`` (t, h, w) per image / video, on the op's device;
+            int64 (other integer dtypes are cast). ``h`` and ``w`` must be
+            multiples of ``merge_size``.
+        merge_size: spatial merge size (2).
+        num_grid_per_side: ``int(sqrt(num_position_embeddings))`` (48).
+        num_rows: the output row count ``sum(t*h*w)`` as a graph dim, e.g.
+            ``pixel_values.shape[0]`` (checked at run time). If ``None`` a fresh
+            symbolic dim is declared and the op's shape function computes it
+            from ``grid_thw``'s values (CPU graphs; on GPU pass ``num_rows``).
+
+    Returns:
+        ``[num_rows, hidden]`` float32 (cast it to the activation dtype).
+    """
+    if table.dtype not in (DType.float32, DType.bfloat16):
+        raise TypeError(f"bilinear_pos_embed: table must be float32 or bfloat16, got {table.dtype}")
+    if table.rank != 2 or grid_thw.rank != 2:
+        raise ValueError("bilinear_pos_embed: table must be [P, hidden] and grid_thw [G, 3]")
+    if grid_thw.dtype != DType.int64:
+        grid_thw = ops.cast(grid_thw, DType.int64)
+    rows = Dim(num_rows) if num_rows is not None else Dim(f"bilinear_pos_rows_{next(_fresh)}")
+    return ops.custom(
+        "bilinear_pos_embed",
+        device=table.device,
+        values=[table, grid_thw],
+        out_types=[TensorType(DType.float32, [rows, table.shape[1]], table.device)],
+        parameters={"merge_size": int(merge_size), "num_grid_per_side": int(num_grid_per_side)},
+    )[0].tensor

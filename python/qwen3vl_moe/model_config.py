@@ -1,0 +1,60 @@
+"""Configuration of Qwen3-VL models (MoE and dense), as MAX architecture configs.
+
+The classes keep exactly the fields and methods of MAX's built-in
+``max.pipelines.architectures.qwen3vl_moe`` configs (they subclass them), so
+code written against the built-in API works unchanged. What differs is how the
+values are used: the graphs here honour float32 end to end, and the rope and
+expert-layout decisions are taken from the checkpoint config, never guessed.
+"""
+
+from __future__ import annotations
+
+from max.pipelines.architectures.qwen3vl_moe import model_config as _builtin
+
+__all__ = ["Qwen3VLConfig", "VisionConfig", "is_moe_layer", "rope_theta"]
+
+
+class VisionConfig(_builtin.VisionConfig):
+    """Vision encoder configuration (fields of MAX's built-in ``VisionConfig``)."""
+
+
+class Qwen3VLConfig(_builtin.Qwen3VLConfig):
+    """Whole-model configuration (fields of MAX's built-in ``Qwen3VLConfig``).
+
+    ``initialize_from_config`` builds a built-in ``VisionConfig``; it is
+    re-typed here so callers always get this package's class.
+    """
+
+    @classmethod
+    def initialize_from_config(cls, pipeline_config, huggingface_config, *, max_seq_len):  # type: ignore[override]
+        config = super().initialize_from_config(
+            pipeline_config, huggingface_config, max_seq_len=max_seq_len
+        )
+        config.vision_config.__class__ = VisionConfig
+        return config
+
+
+def is_moe_layer(text_config, layer_idx: int) -> bool:
+    """transformers' rule for which decoder layers are sparse (MoE)."""
+    num_experts = getattr(text_config, "num_experts", 0) or 0
+    mlp_only = getattr(text_config, "mlp_only_layers", None) or []
+    step = getattr(text_config, "decoder_sparse_step", 1) or 1
+    return (
+        layer_idx not in mlp_only
+        and num_experts > 0
+        and (layer_idx + 1) % step == 0
+    )
+
+
+def rope_theta(text_config) -> float:
+    """The text rope base; transformers defaults to 500000 when absent."""
+    params = getattr(text_config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(text_config, "rope_theta", None))
+    return float(theta) if theta is not None else 500000.0
+
+
+def mrope_section(text_config) -> list[int]:
+    """The [t, h, w] frequency split; transformers defaults to [24, 20, 20]."""
+    params = getattr(text_config, "rope_parameters", None) or {}
+    scaling = getattr(text_config, "rope_scaling", None) or {}
+    return list(params.get("mrope_section") or scaling.get("mrope_section") or [24, 20, 20])

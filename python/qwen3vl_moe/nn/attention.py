@@ -1,0 +1,67 @@
+"""Text self-attention: q/k RMSNorm per head, MRoPE, GQA over MAX's paged KV cache."""
+
+from __future__ import annotations
+
+from max.dtype import DType
+from max.graph import DeviceRef, TensorValue, ops
+from max.nn import Linear
+from max.nn.attention import MHAMaskVariant
+from max.nn.kernels import flash_attention_ragged, store_k_cache_ragged, store_v_cache_ragged
+from max.nn.kv_cache import KVCacheParams, PagedCacheValues
+from max.nn.layer import Module
+from max.nn.norm import RMSNorm
+
+from .rotary import apply_rotary
+
+
+class TextAttention(Module):
+    """Qwen3-VL text attention (no biases; q_norm/k_norm before rope)."""
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rms_norm_eps: float,
+        kv_params: KVCacheParams,
+        dtype: DType,
+        device: DeviceRef,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.kv_params = kv_params
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, dtype, device)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, dtype, device)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, dtype, device)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, dtype, device)
+        # transformers normalises in float32, casts, then multiplies by the weight.
+        self.q_norm = RMSNorm(head_dim, dtype, rms_norm_eps, multiply_before_cast=False)
+        self.k_norm = RMSNorm(head_dim, dtype, rms_norm_eps, multiply_before_cast=False)
+
+    def __call__(
+        self,
+        layer_idx: TensorValue,
+        x: TensorValue,
+        kv_collection: PagedCacheValues,
+        cos: TensorValue,
+        sin: TensorValue,
+        input_row_offsets: TensorValue,
+    ) -> TensorValue:
+        q = self.q_norm(ops.reshape(self.q_proj(x), [-1, self.num_heads, self.head_dim]))
+        k = self.k_norm(ops.reshape(self.k_proj(x), [-1, self.num_kv_heads, self.head_dim]))
+        v = ops.reshape(self.v_proj(x), [-1, self.num_kv_heads, self.head_dim])
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        store_k_cache_ragged(kv_collection, k, input_row_offsets, layer_idx)
+        store_v_cache_ragged(kv_collection, v, input_row_offsets, layer_idx)
+        out = flash_attention_ragged(
+            self.kv_params,
+            input=q,
+            input_row_offsets=input_row_offsets,
+            kv_collection=kv_collection,
+            layer_idx=layer_idx,
+            mask_variant=MHAMaskVariant.CAUSAL_MASK,
+            scale=self.head_dim**-0.5,
+        )
+        return self.o_proj(ops.reshape(out, [-1, self.num_heads * self.head_dim]))

@@ -1,0 +1,191 @@
+"""The Qwen3-VL text decoder over a paged KV cache (single device).
+
+Its graph inputs are those of MAX's built-in Qwen3-VL language graph, in the
+same order, so the built-in batch processor and tokenizer drive it unchanged:
+tokens, return_n_logits, row offsets, image embeddings, deepstack embeddings,
+image token indices, 3-D position ids, signal buffers, KV cache.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from max import tree
+from max.dtype import DType
+from max.graph import BufferValue, DeviceRef, Graph, TensorType, TensorValue, Type, Value, ops
+from max.graph import Module as GraphModule
+from max.nn import Embedding, Linear
+from max.nn.kv_cache import KVCacheInputsPerDevice, KVCacheParamInterface, PagedCacheValues
+from max.nn.layer import LayerList, Module
+from max.nn.norm import RMSNorm
+from max.nn.transformer import ReturnLogits
+from max.nn.transformer.distributed_transformer import distributed_logits_postprocess
+from max.pipelines.lib.interfaces.batch_processor import ragged_batch_inputs
+from max.pipelines.lib.vlm_utils import merge_multimodal_embeddings
+
+from ..model_config import Qwen3VLConfig, is_moe_layer, mrope_section, rope_theta
+from ..weight_adapters import ExpertLayout
+from .attention import TextAttention
+from .mlp import DenseMLP, SparseMoE
+from .rotary import InterleavedMRope
+
+
+class TextDecoderLayer(Module):
+    """Pre-norm attention and feed-forward (dense or MoE) with residuals."""
+
+    def __init__(self, attention: TextAttention, mlp: Module, hidden_size: int, eps: float, dtype: DType) -> None:
+        super().__init__()
+        self.self_attn = attention
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden_size, dtype, eps, multiply_before_cast=False)
+        self.post_attention_layernorm = RMSNorm(hidden_size, dtype, eps, multiply_before_cast=False)
+
+    def __call__(self, layer_idx, x, kv_collection, cos, sin, input_row_offsets) -> TensorValue:
+        h = x + self.self_attn(layer_idx, self.input_layernorm(x), kv_collection, cos, sin, input_row_offsets)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3VLTextDecoder(Module):
+    """Embedding, vision merge, decoder layers with deepstack adds, norm, lm_head."""
+
+    def __init__(
+        self,
+        config: Qwen3VLConfig,
+        huggingface_config: Any,
+        expert_layout: ExpertLayout | None,
+        return_logits: ReturnLogits,
+    ) -> None:
+        super().__init__()
+        if len(config.devices) != 1:
+            raise ValueError(
+                f"this Qwen3-VL implementation runs on one device; got {len(config.devices)}"
+            )
+        tc = huggingface_config.text_config
+        device, dtype = config.devices[0], config.dtype
+        self.devices = config.devices
+        self.dtype = dtype
+        self.hidden_size = tc.hidden_size
+        self.kv_params = config.llm_config.kv_params
+        self.return_logits = return_logits
+        self.num_deepstack_layers = len(config.vision_config.deepstack_visual_indexes)
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        self.rope = InterleavedMRope(head_dim, rope_theta(tc), mrope_section(tc))
+
+        def mlp(i: int) -> Module:
+            if is_moe_layer(tc, i):
+                assert expert_layout is not None
+                return SparseMoE(
+                    hidden_size=tc.hidden_size, num_experts=tc.num_experts,
+                    top_k=tc.num_experts_per_tok, intermediate_size=tc.moe_intermediate_size,
+                    layout=expert_layout, dtype=dtype, device=device,
+                )
+            return DenseMLP(tc.hidden_size, tc.intermediate_size, dtype, device)
+
+        self.layers = LayerList([
+            TextDecoderLayer(
+                TextAttention(
+                    hidden_size=tc.hidden_size, num_heads=tc.num_attention_heads,
+                    num_kv_heads=tc.num_key_value_heads, head_dim=head_dim,
+                    rms_norm_eps=tc.rms_norm_eps, kv_params=self.kv_params,
+                    dtype=dtype, device=device,
+                ),
+                mlp(i), tc.hidden_size, tc.rms_norm_eps, dtype,
+            )
+            for i in range(tc.num_hidden_layers)
+        ])
+        self.embed_tokens = Embedding(tc.vocab_size, tc.hidden_size, dtype, device)
+        self.norm = RMSNorm(tc.hidden_size, dtype, tc.rms_norm_eps, multiply_before_cast=False)
+        self.lm_head = Linear(tc.hidden_size, tc.vocab_size, dtype, device)
+        if getattr(huggingface_config, "tie_word_embeddings", False):
+            self.lm_head.set_shared_weight("weight", self.embed_tokens.weight)
+
+    def input_tree(self, kv_params: KVCacheParamInterface) -> OrderedDict[str, object]:
+        """The graph inputs by name; the leaves, in order, are the graph inputs."""
+        device = self.devices[0]
+        embeddings = TensorType(self.dtype, ["vision_merged_seq_len", self.hidden_size], device)
+        return OrderedDict(
+            batch=ragged_batch_inputs(device, ("tokens", "return_n_logits")),
+            row_offsets=(TensorType(DType.uint32, ["input_row_offsets_len"], device),),
+            image_embeddings=(embeddings,),
+            deepstack_embeddings=tuple((embeddings,) for _ in range(self.num_deepstack_layers)),
+            image_token_indices=(TensorType(DType.int32, ["total_image_tokens"], device),),
+            position_ids=TensorType(DType.int64, [3, "total_seq_len"], DeviceRef.CPU()),
+            signals=OrderedDict(signal=()),  # one device: no allreduce signals
+            kv=kv_params.get_symbolic_inputs(),
+        )
+
+    def trace(
+        self,
+        *input_types: Type[Any],
+        name: str | None = None,
+        module: GraphModule | None = None,
+        custom_extensions: Iterable[Path] = (),
+        is_device_graph: bool = False,
+    ) -> Graph:
+        """Traces the decoder graph from :meth:`input_tree`'s leaves."""
+        head = OrderedDict((k, v) for k, v in self.input_tree(self.kv_params).items() if k != "kv")
+        head_treedef = tree.flatten(head)[1]
+
+        def forward(*inputs: Value[Any]) -> tuple[TensorValue, ...]:
+            remaining = iter(inputs)
+            named = tree.unflatten(head_treedef, remaining, exact=False)
+            (kv_collection,) = tree.leaves(
+                self.kv_params.unflatten_kv_inputs(remaining), leaf=KVCacheInputsPerDevice
+            )
+            return self(
+                tokens=named["batch"]["tokens"].tensor,
+                return_n_logits=named["batch"]["return_n_logits"].tensor,
+                input_row_offsets=named["row_offsets"][0].tensor,
+                image_embeddings=named["image_embeddings"][0].tensor,
+                deepstack_embeddings=[layer[0].tensor for layer in named["deepstack_embeddings"]],
+                image_token_indices=named["image_token_indices"][0].tensor,
+                position_ids=named["position_ids"].tensor,
+                signal_buffers=[v.buffer for v in named["signals"]["signal"]],
+                kv_collection=kv_collection,
+            )
+
+        return Graph(
+            type(self).__qualname__ if name is None else name,
+            forward,
+            input_types=input_types,
+            custom_extensions=list(custom_extensions),
+            module=module,
+            is_device_graph=is_device_graph,
+        )
+
+    def __call__(
+        self,
+        *,
+        tokens: TensorValue,
+        return_n_logits: TensorValue,
+        input_row_offsets: TensorValue,
+        image_embeddings: TensorValue,
+        deepstack_embeddings: list[TensorValue],
+        image_token_indices: TensorValue,
+        position_ids: TensorValue,
+        signal_buffers: list[BufferValue],
+        kv_collection: PagedCacheValues,
+    ) -> tuple[TensorValue, ...]:
+        h = merge_multimodal_embeddings(self.embed_tokens(tokens), image_embeddings, image_token_indices)
+        cos, sin = self.rope.cos_sin(position_ids, self.devices[0])
+        for i, layer in enumerate(self.layers):
+            layer_idx = ops.constant(i, DType.uint32, device=DeviceRef.CPU())
+            h = layer(layer_idx, h, kv_collection, cos, sin, input_row_offsets)
+            if i < len(deepstack_embeddings):
+                # Deepstack: vision features of level i join the residual
+                # stream at the visual tokens after text layer i.
+                zeros = ops.broadcast_to(ops.constant(0, h.dtype, h.device), h.shape)
+                h = h + merge_multimodal_embeddings(zeros, deepstack_embeddings[i], image_token_indices)
+        return distributed_logits_postprocess(
+            [h],
+            [input_row_offsets],
+            return_n_logits,
+            lm_head=lambda hs, _signals: [self.lm_head(x) for x in hs],
+            signal_buffers=signal_buffers,
+            return_logits=self.return_logits,
+            device=self.devices[0],
+            norm_shards=[self.norm],
+        )

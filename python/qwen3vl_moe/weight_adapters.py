@@ -1,0 +1,221 @@
+"""Hugging Face checkpoint -> graph weight names, with strict shape checks.
+
+Checkpoint names are kept, minus the HF wrapper prefixes:
+``model.language_model.*`` -> ``language_model.*``, ``lm_head.*`` ->
+``language_model.lm_head.*``, ``model.visual.*`` -> ``vision_encoder.*``.
+
+Fused expert tensors exist in two layouts: the original release on disk
+(``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``) and transformers'
+in-memory layout that ``save_pretrained`` writes (``[E, 2I, H]``,
+``[E, H, I]``). The layout is read off the shapes against the config's dims;
+when the dims make the two layouts identical (H == 2I or H == I) the
+checkpoint is rejected instead of guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from max.dtype import DType
+from max.graph.weights import WeightData, Weights
+
+from .model_config import is_moe_layer
+
+ExpertLayout = Literal["hub", "transformers"]
+
+_PREFIXES = (
+    ("model.language_model.", "language_model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.visual.", "vision_encoder."),
+)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match the model its config describes."""
+
+
+def graph_name(checkpoint_name: str) -> str:
+    """The graph's name for a checkpoint tensor name."""
+    for before, after in _PREFIXES:
+        if checkpoint_name.startswith(before):
+            return after + checkpoint_name[len(before):]
+    raise CheckpointError(
+        f"unexpected tensor {checkpoint_name!r}: not under model.language_model., "
+        "model.visual. or lm_head. (is this a Qwen3-VL checkpoint?)"
+    )
+
+
+def _text_shapes(tc: Any, tied: bool) -> dict[str, tuple[int, ...]]:
+    H, V = tc.hidden_size, tc.vocab_size
+    hd = getattr(tc, "head_dim", None) or H // tc.num_attention_heads
+    nh, nkv = tc.num_attention_heads, tc.num_key_value_heads
+    shapes: dict[str, tuple[int, ...]] = {
+        "language_model.embed_tokens.weight": (V, H),
+        "language_model.norm.weight": (H,),
+    }
+    if not tied:
+        shapes["language_model.lm_head.weight"] = (V, H)
+    for i in range(tc.num_hidden_layers):
+        p = f"language_model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (H,),
+            p + "post_attention_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (nh * hd, H),
+            p + "self_attn.k_proj.weight": (nkv * hd, H),
+            p + "self_attn.v_proj.weight": (nkv * hd, H),
+            p + "self_attn.o_proj.weight": (H, nh * hd),
+            p + "self_attn.q_norm.weight": (hd,),
+            p + "self_attn.k_norm.weight": (hd,),
+        }
+        if is_moe_layer(tc, i):
+            E, I = tc.num_experts, tc.moe_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (E, H)
+            # Expert shapes are checked against both layouts separately.
+        else:
+            Id = tc.intermediate_size
+            shapes |= {
+                p + "mlp.gate_proj.weight": (Id, H),
+                p + "mlp.up_proj.weight": (Id, H),
+                p + "mlp.down_proj.weight": (H, Id),
+            }
+    return shapes
+
+
+def _vision_shapes(vc: Any) -> dict[str, tuple[int, ...]]:
+    D, Iv, out = vc.hidden_size, vc.intermediate_size, vc.out_hidden_size
+    Dm = D * vc.spatial_merge_size**2
+    P, Tp, C = vc.patch_size, vc.temporal_patch_size, vc.in_channels
+    shapes: dict[str, tuple[int, ...]] = {
+        "vision_encoder.patch_embed.proj.weight": (D, C, Tp, P, P),
+        "vision_encoder.patch_embed.proj.bias": (D,),
+        "vision_encoder.pos_embed.weight": (vc.num_position_embeddings, D),
+    }
+
+    def merger(p: str, norm_dim: int) -> None:
+        shapes.update({
+            p + "norm.weight": (norm_dim,), p + "norm.bias": (norm_dim,),
+            p + "linear_fc1.weight": (Dm, Dm), p + "linear_fc1.bias": (Dm,),
+            p + "linear_fc2.weight": (out, Dm), p + "linear_fc2.bias": (out,),
+        })
+
+    for j in range(vc.depth):
+        p = f"vision_encoder.blocks.{j}."
+        shapes |= {
+            p + "norm1.weight": (D,), p + "norm1.bias": (D,),
+            p + "norm2.weight": (D,), p + "norm2.bias": (D,),
+            p + "attn.qkv.weight": (3 * D, D), p + "attn.qkv.bias": (3 * D,),
+            p + "attn.proj.weight": (D, D), p + "attn.proj.bias": (D,),
+            p + "mlp.linear_fc1.weight": (Iv, D), p + "mlp.linear_fc1.bias": (Iv,),
+            p + "mlp.linear_fc2.weight": (D, Iv), p + "mlp.linear_fc2.bias": (D,),
+        }
+    merger("vision_encoder.merger.", D)
+    for k in range(len(vc.deepstack_visual_indexes)):
+        merger(f"vision_encoder.deepstack_merger_list.{k}.", Dm)
+    return shapes
+
+
+def expert_shapes(tc: Any, layout: ExpertLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(gate_up, down) shapes of one layer's fused experts in ``layout``."""
+    E, H, I = tc.num_experts, tc.hidden_size, tc.moe_intermediate_size
+    if layout == "hub":
+        return (E, H, 2 * I), (E, I, H)
+    return (E, 2 * I, H), (E, H, I)
+
+
+def _expert_layout(name: str, gate_up: tuple[int, ...], down: tuple[int, ...], tc: Any) -> ExpertLayout:
+    matches = [
+        layout for layout in ("hub", "transformers")
+        if expert_shapes(tc, layout) == (gate_up, down)
+    ]
+    if len(matches) == 1:
+        return matches[0]  # type: ignore[return-value]
+    if len(matches) == 2:
+        raise CheckpointError(
+            f"{name}: hidden_size={tc.hidden_size} and moe_intermediate_size="
+            f"{tc.moe_intermediate_size} make the hub and transformers expert "
+            "layouts the same shape, so the layout cannot be told apart"
+        )
+    hub, mem = expert_shapes(tc, "hub"), expert_shapes(tc, "transformers")
+    raise CheckpointError(
+        f"{name}: experts gate_up_proj {list(gate_up)} / down_proj {list(down)} "
+        f"match neither the hub layout {list(hub[0])} / {list(hub[1])} nor the "
+        f"transformers layout {list(mem[0])} / {list(mem[1])}"
+    )
+
+
+def convert_qwen3vl_model_state_dict(
+    state_dict: Mapping[str, Weights],
+    huggingface_config: Any,
+    dtype: DType | None = None,
+    **unused_kwargs: Any,
+) -> dict[str, WeightData]:
+    """Renames, checks and (optionally) casts a Qwen3-VL checkpoint.
+
+    Every tensor the config implies must be present with its exact shape, and
+    nothing else may be; errors name the tensor, the expected and the actual
+    shape. Floating-point tensors are cast to ``dtype`` when given.
+
+    Returns:
+        Graph-named weights (``language_model.*`` and ``vision_encoder.*``).
+    """
+    del unused_kwargs
+    tc, vc = huggingface_config.text_config, huggingface_config.vision_config
+    tied = bool(getattr(huggingface_config, "tie_word_embeddings", False))
+    expected = _text_shapes(tc, tied) | _vision_shapes(vc)
+
+    weights: dict[str, WeightData] = {}
+    for checkpoint_name, weight in state_dict.items():
+        name = graph_name(checkpoint_name)
+        if tied and name == "language_model.lm_head.weight":
+            continue  # tied checkpoints may still carry a copy; the embedding wins
+        data = weight.data()
+        if dtype is not None and data.dtype.is_float() and data.dtype != dtype:
+            data = data.astype(dtype)
+        weights[name] = data
+
+    problems: list[str] = []
+    layouts: set[ExpertLayout] = set()
+    for i in range(tc.num_hidden_layers):
+        if not is_moe_layer(tc, i):
+            continue
+        p = f"language_model.layers.{i}.mlp.experts."
+        gu, dn = weights.get(p + "gate_up_proj"), weights.get(p + "down_proj")
+        if gu is None or dn is None:
+            problems.append(f"missing tensor {p}gate_up_proj / {p}down_proj (layer {i} is MoE)")
+            continue
+        layouts.add(_expert_layout(p[:-1], tuple(gu.shape), tuple(dn.shape), tc))
+        expected[p + "gate_up_proj"] = tuple(gu.shape)
+        expected[p + "down_proj"] = tuple(dn.shape)
+    if len(layouts) > 1:
+        problems.append("experts of different layers use different layouts")
+
+    for name, shape in expected.items():
+        if name not in weights:
+            problems.append(f"missing tensor {name} (expected shape {list(shape)})")
+        elif tuple(int(d) for d in weights[name].shape) != shape:
+            problems.append(
+                f"tensor {name} has shape {[int(d) for d in weights[name].shape]}, "
+                f"expected {list(shape)}"
+            )
+    for name in sorted(set(weights) - set(expected)):
+        problems.append(f"unexpected tensor {name} (shape {[int(d) for d in weights[name].shape]})")
+    if problems:
+        raise CheckpointError(
+            "checkpoint does not match its config:\n  " + "\n  ".join(problems)
+        )
+    return weights
+
+
+def checkpoint_expert_layout(weights: Mapping[str, WeightData], text_config: Any) -> ExpertLayout | None:
+    """The expert layout of already-checked weights (None for dense models)."""
+    for i in range(text_config.num_hidden_layers):
+        if is_moe_layer(text_config, i):
+            p = f"language_model.layers.{i}.mlp.experts."
+            return _expert_layout(
+                p[:-1],
+                tuple(int(d) for d in weights[p + "gate_up_proj"].shape),
+                tuple(int(d) for d in weights[p + "down_proj"].shape),
+                text_config,
+            )
+    return None
