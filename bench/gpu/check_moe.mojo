@@ -36,7 +36,7 @@ comptime N_ROUTE_TOKENS = 256
 def fill_kernel[dtype: DType](
     p: Pointer[Scalar[dtype], MutAnyOrigin], n: Int64, seed: UInt64, scale: Float32
 ):
-    """p[i] = scale * u(i), u uniform in [-1, 1) from a splitmix64 hash (never all-zero)."""
+    """Fill: p[i] = scale * u(i), u uniform in [-1, 1) from a splitmix64 hash (never all-zero)."""
     var stride = Int64(65536 * 256)
     var i = Int64(block_idx.x) * 256 + Int64(thread_idx.x)
     while i < n:
@@ -254,7 +254,7 @@ def main() raises:
     results.append(run_config[DType.float32, True](ctx, "f32 hub"))
     results.append(run_config[DType.float32, False](ctx, "f32 transformers"))
     var fl = 2.0 * Float64(S) * Float64(H) * Float64(3 * I)
-    print()
+    print("== summary ==")
     print("check_moe (T=4096 x top-8, E=128, H=2048, I=768; GEMM FLOPs", fl / 1e9, "G)")
     print("config            | result | rel err  | route us | gate_up us | down+comb us | total us | TFLOP/s | % of 790")
     var all_ok = True

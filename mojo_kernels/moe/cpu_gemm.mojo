@@ -46,7 +46,7 @@ def round_to[dtype: DType](v: SIMD[F32, _]) -> type_of(v):
 
 @always_inline
 def swiglu[dtype: DType](g: SIMD[F32, _], u: type_of(g)) -> type_of(g):
-    """h = silu(gate) * up with the rounding steps of torch in `dtype`.
+    """SwiGLU: h = silu(gate) * up with the rounding steps of torch in `dtype`.
 
     In bfloat16 transformers rounds the gate_up GEMM output, silu(gate) and the
     product to bf16 (each op computes in float32 and rounds its result).
@@ -66,7 +66,7 @@ def outer_tile[
     ldb: Int,
     K: Int,
 ) -> Array[SIMD[F32, VW], MR * NB * NV]:
-    """acc[r, g, v] = sum_k a[r][k] * b[g][k*ldb + v*VW ..< +VW]  (float32)."""
+    """Outer-product tile: acc[r, g, v] = sum_k a[r][k] * b[g][k*ldb + v*VW ..< +VW]  (float32)."""
     comptime NBV = NB * NV
     var acc = Array[SIMD[F32, VW], MR * NBV](fill=0)
     for k in range(K):
@@ -89,7 +89,7 @@ def dot_tile[
     b: Array[Pointer[Scalar[dtype], MutAnyOrigin], NC],
     K: Int,
 ) -> Array[Float32, MR * NC]:
-    """out[r, c] = sum_k a[r][k] * b[c][k]  (float32 accumulation)."""
+    """Dot-product tile: out[r, c] = sum_k a[r][k] * b[c][k]  (float32 accumulation)."""
     var acc = Array[SIMD[F32, VEC], MR * NC](fill=0)
     var k = 0
     while k + VEC <= K:
@@ -149,7 +149,7 @@ def _gu_outer_cols[
     perm: Pointer[Int32, MutAnyOrigin],
     r0: Int, r1: Int, j: Int, top_k: Int, H: Int, I: Int,
 ):
-    """h[p, j ..< j+NV*VW] for sorted rows r0 ..< r1 (hub layout W[e] = [H, 2I])."""
+    """Columns: h[p, j ..< j+NV*VW] for sorted rows r0 ..< r1 (hub layout W[e] = [H, 2I])."""
     comptime MR = GU_MR
     var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 2](fill=w_e.unsafe_offset(j))
     b[1] = w_e.unsafe_offset(I + j)
@@ -181,7 +181,7 @@ def _gu_dot_cols[
     perm: Pointer[Int32, MutAnyOrigin],
     r0: Int, r1: Int, j: Int, top_k: Int, H: Int, I: Int,
 ):
-    """h[p, j ..< j+NC] for sorted rows r0 ..< r1 (transformers layout W[e] = [2I, H])."""
+    """Columns: h[p, j ..< j+NC] for sorted rows r0 ..< r1 (transformers layout W[e] = [2I, H])."""
     comptime MR = DOT_MR
     var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 2 * NC](fill=w_e)
     comptime for c in range(NC):
@@ -215,7 +215,7 @@ def gate_up_cpu[
     offsets: Pointer[Int32, MutAnyOrigin],
     E: Int, top_k: Int, H: Int, I: Int,
 ):
-    """h[p, :] = silu(x[tok] @ Wg) * (x[tok] @ Wu) for every sorted row p of every expert."""
+    """Grouped gate_up: h[p, :] = silu(x[tok] @ Wg) * (x[tok] @ Wu) for every sorted row p of every expert."""
     var chunks = row_chunks(offsets, E)
     var n_chunks = len(chunks) // 3
     if n_chunks == 0 or I == 0:
@@ -278,7 +278,7 @@ def _dn_outer_cols[
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
     r0: Int, r1: Int, n: Int, H: Int, I: Int,
 ):
-    """ws[slot, n ..< n+NV*VW] = rw[slot] * (h[p] @ W[e])[n ...] (hub layout W[e] = [I, H])."""
+    """Columns: ws[slot, n ..< n+NV*VW] = rw[slot] * (h[p] @ W[e])[n ...] (hub layout W[e] = [I, H])."""
     comptime MR = DN_MR
     var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 1](fill=w_e.unsafe_offset(n))
     var r = r0
@@ -311,7 +311,7 @@ def _dn_dot_cols[
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
     r0: Int, r1: Int, n: Int, H: Int, I: Int,
 ):
-    """ws[slot, n ..< n+NC] (transformers layout W[e] = [H, I])."""
+    """Columns: ws[slot, n ..< n+NC] (transformers layout W[e] = [H, I])."""
     comptime MR = DOT_MR
     var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], NC](fill=w_e)
     comptime for c in range(NC):
@@ -344,7 +344,7 @@ def down_cpu[
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
     E: Int, H: Int, I: Int,
 ):
-    """ws[perm[p], :] = rw[perm[p]] * (h[p] @ Wdown[e]) for every sorted row p."""
+    """Grouped down: ws[perm[p], :] = rw[perm[p]] * (h[p] @ Wdown[e]) for every sorted row p."""
     var chunks = row_chunks(offsets, E)
     var n_chunks = len(chunks) // 3
     if n_chunks == 0 or H == 0:
@@ -402,7 +402,7 @@ def combine_cpu[
     ws: Pointer[Scalar[dtype], MutAnyOrigin],
     T: Int, top_k: Int, H: Int,
 ):
-    """y[t, :] = sum_k ws[t, k, :] in top-k order, float32 accumulation, rounded once."""
+    """Combine: y[t, :] = sum_k ws[t, k, :] in top-k order, float32 accumulation, rounded once."""
     if T == 0 or H == 0:
         return
     comptime ROWS = 8

@@ -120,7 +120,9 @@ def moe_gemm_tc_kernel[
     rw: Pointer[Scalar[BF16], MutAnyOrigin],
     top_k: Int32, E: Int32, K: Int32, N: Int32, fast_a: Int32, fast_b: Int32,
 ):
-    """gated:  out[p, n]      = swiglu(a[tok(p)] . Wg[:, n], a[tok(p)] . Wu[:, n])   (out = h [S, N])
+    """Grouped GEMM on tensor cores.
+
+    gated:  out[p, n]      = swiglu(a[tok(p)] . Wg[:, n], a[tok(p)] . Wu[:, n])   (out = h [S, N])
     not gated: out[slot(p), n] = rw[slot(p)] * (a[p] . W[:, n])                        (out = ws [S, N])
     a is x [T, K] (gated, rows gathered through perm) or h [S, K]; W is expert e's
     [K, Ntot] (hub) or [Ntot, K] matrix, Ntot = 2N (gated) or N."""
@@ -385,7 +387,7 @@ def moe_combine_kernel[
     ws: Pointer[Scalar[dtype], MutAnyOrigin],
     T: Int32, top_k: Int32, H: Int32,
 ):
-    """y[t, n] = sum_k ws[t, k, n] (top-k order, float32), one thread per (t, n)."""
+    """Combine: y[t, n] = sum_k ws[t, k, n] (top-k order, float32), one thread per (t, n)."""
     var i = Int(block_idx.x) * COMBINE_THREADS + Int(thread_idx.x)
     var Hi = Int(H)
     if i >= Int(T) * Hi:
@@ -410,7 +412,7 @@ def enqueue_gate_up_gpu[
     offsets: Pointer[Int32, MutAnyOrigin],
     T: Int, top_k: Int, E: Int, H: Int, I: Int,
 ) raises:
-    """h [S, I] = swiglu of the grouped gate_up GEMM (see moe_gemm_tc_kernel)."""
+    """Launch: h [S, I] = swiglu of the grouped gate_up GEMM (see moe_gemm_tc_kernel)."""
     var S = T * top_k
     if S == 0 or I == 0:
         return
@@ -444,7 +446,7 @@ def enqueue_down_gpu[
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
     T: Int, top_k: Int, E: Int, H: Int, I: Int,
 ) raises:
-    """ws [S, H] = rw * grouped down GEMM (un-permuted), then y [T, H] = sum over k."""
+    """Launch: ws [S, H] = rw * grouped down GEMM (un-permuted), then y [T, H] = sum over k."""
     var S = T * top_k
     if T == 0 or H == 0:
         return

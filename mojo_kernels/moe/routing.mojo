@@ -59,7 +59,7 @@ def route_token[
     ids: Pointer[Int32, MutAnyOrigin],
     t: Int, E: Int,
 ):
-    """weights[t, :], ids[t, :] of token t: top-k softmax probabilities / their sum."""
+    """One token: weights[t, :], ids[t, :] of token t: top-k softmax probabilities / their sum."""
     var vals = Array[Float32, top_k](fill=0)
     var idx = Array[Int32, top_k](fill=0)
     topk_row[dtype, top_k](logits.unsafe_offset(t * E), E, vals, idx)

@@ -1,0 +1,82 @@
+"""``qwen3vl-moe``: serve, generate, and make the tiny default checkpoint.
+
+``serve`` is MAX's own OpenAI-compatible server with this package registered
+as the Qwen3-VL architecture; unknown flags pass straight through to
+``max serve``. Without ``--model-path`` it serves the tiny seeded checkpoint,
+generated locally on first use (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_PRESET = "moe"
+
+
+def _default_model_path() -> str:
+    from .checkpoints.tiny import tiny_checkpoint
+
+    return str(tiny_checkpoint(DEFAULT_PRESET))
+
+
+def _serve(rest: list[str]) -> int:
+    from max._entrypoints.pipelines import main as max_main
+
+    os.environ.setdefault("MODULAR_TELEMETRY_ENABLED", "0")
+    args = list(rest)
+    if "--model-path" not in args and not any(a.startswith("--model-path=") for a in args):
+        args += ["--model-path", _default_model_path()]
+    if not any(a == "--devices" or a.startswith("--devices=") for a in args):
+        args += ["--devices", "cpu"]
+    if not any(a == "--host" or a.startswith("--host=") for a in args):
+        args += ["--host", "127.0.0.1"]
+    sys.argv = ["max", "serve", "--custom-architectures", "qwen3vl_moe", *args]
+    return int(max_main() or 0)
+
+
+def _generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="qwen3vl-moe generate")
+    parser.add_argument("prompt")
+    parser.add_argument("--model-path", default=None)
+    parser.add_argument("--devices", default="cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from .api import Qwen3VL
+
+    llm = Qwen3VL(args.model_path or _default_model_path(), devices=args.devices)
+    [out] = llm.generate(
+        [[{"role": "user", "content": args.prompt}]],
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+    )
+    print(json.dumps({"text": out.text, "token_ids": out.token_ids}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"serve", "generate", "tiny-checkpoint"}
+    if not argv or argv[0] not in commands:
+        print(
+            "usage: qwen3vl-moe {serve [max serve flags] | generate PROMPT [...] | "
+            "tiny-checkpoint [--preset P] [--seed N] [--out DIR]}",
+            file=sys.stderr,
+        )
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return _serve(rest)
+    if command == "generate":
+        return _generate(rest)
+    from .checkpoints.tiny import main as tiny_main
+
+    tiny_main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

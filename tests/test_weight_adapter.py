@@ -1,0 +1,120 @@
+"""The weight adapter: names, expert layouts decided from config dims, precise errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from max.graph.weights import load_weights
+from safetensors.numpy import load_file, save_file
+from transformers import AutoConfig
+
+from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
+from qwen3vl_moe.weight_adapters import (
+    CheckpointError,
+    checkpoint_expert_layout,
+    convert_qwen3vl_model_state_dict,
+)
+
+EXPERTS = "model.language_model.layers.0.mlp.experts."
+
+
+@pytest.fixture(scope="module")
+def moe_dir() -> Path:
+    return tiny_checkpoint("moe")
+
+
+def convert(directory: Path, tensors: dict[str, np.ndarray] | None = None, tmp: Path | None = None, config=None):
+    """Runs the adapter on ``directory``'s checkpoint, optionally with replaced tensors."""
+    path = directory / "model.safetensors"
+    if tensors is not None:
+        assert tmp is not None
+        path = tmp / "model.safetensors"
+        save_file(tensors, str(path))
+    weights = load_weights([path])
+    return convert_qwen3vl_model_state_dict(
+        dict(weights.items()), huggingface_config=config or AutoConfig.from_pretrained(directory)
+    )
+
+
+def test_hub_layout_is_recognised_and_renamed(moe_dir):
+    out = convert(moe_dir)
+    assert "language_model.embed_tokens.weight" in out
+    assert "language_model.lm_head.weight" in out
+    assert "vision_encoder.pos_embed.weight" in out
+    assert not any(k.startswith("model.") for k in out)
+    config = AutoConfig.from_pretrained(moe_dir)
+    assert checkpoint_expert_layout(out, config.text_config) == "hub"
+
+
+def test_transformers_layout_is_recognised(moe_dir, tmp_path):
+    tensors = load_file(str(moe_dir / "model.safetensors"))
+    for name in list(tensors):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = np.ascontiguousarray(tensors[name].transpose(0, 2, 1))
+    out = convert(moe_dir, tensors, tmp_path)
+    config = AutoConfig.from_pretrained(moe_dir)
+    assert checkpoint_expert_layout(out, config.text_config) == "transformers"
+
+
+def test_mixed_layouts_are_rejected(moe_dir, tmp_path):
+    tensors = load_file(str(moe_dir / "model.safetensors"))
+    for part in ("gate_up_proj", "down_proj"):
+        tensors[EXPERTS + part] = np.ascontiguousarray(tensors[EXPERTS + part].transpose(0, 2, 1))
+    with pytest.raises(CheckpointError, match="different layouts"):
+        convert(moe_dir, tensors, tmp_path)
+
+
+def test_missing_tensor_is_named(moe_dir, tmp_path):
+    tensors = load_file(str(moe_dir / "model.safetensors"))
+    del tensors["model.language_model.layers.1.self_attn.k_norm.weight"]
+    with pytest.raises(CheckpointError, match=r"missing tensor language_model\.layers\.1\.self_attn\.k_norm\.weight \(expected shape \[128\]\)"):
+        convert(moe_dir, tensors, tmp_path)
+
+
+def test_wrong_shape_names_expected_and_actual(moe_dir, tmp_path):
+    tensors = load_file(str(moe_dir / "model.safetensors"))
+    tensors["model.language_model.layers.2.mlp.up_proj.weight"] = np.zeros((81, 64), np.float32)
+    with pytest.raises(CheckpointError, match=r"layers\.2\.mlp\.up_proj\.weight has shape \[81, 64\], expected \[80, 64\]"):
+        convert(moe_dir, tensors, tmp_path)
+
+
+def test_unexpected_tensor_is_named(moe_dir, tmp_path):
+    tensors = load_file(str(moe_dir / "model.safetensors"))
+    tensors["model.language_model.layers.0.mlp.shared_expert.weight"] = np.zeros((4, 4), np.float32)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor language_model\.layers\.0\.mlp\.shared_expert\.weight"):
+        convert(moe_dir, tensors, tmp_path)
+
+
+def test_experts_of_wrong_shape_are_rejected(moe_dir, tmp_path):
+    tensors = load_file(str(moe_dir / "model.safetensors"))
+    tensors[EXPERTS + "gate_up_proj"] = np.zeros((8, 64, 90), np.float32)
+    with pytest.raises(CheckpointError, match="match neither the hub layout"):
+        convert(moe_dir, tensors, tmp_path)
+
+
+def test_ambiguous_dims_are_refused_not_guessed(moe_dir):
+    config = AutoConfig.from_pretrained(moe_dir)
+    config.text_config.moe_intermediate_size = config.text_config.hidden_size // 2  # H == 2I
+    with pytest.raises(CheckpointError, match="cannot be told apart|match neither"):
+        convert(moe_dir, config=config)
+
+
+def test_foreign_checkpoint_is_rejected(moe_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="not under model.language_model"):
+        convert(moe_dir, {"transformer.h.0.attn.weight": np.zeros((2, 2), np.float32)}, tmp_path)
+
+
+def test_pipeline_reports_a_wrong_checkpoint_before_compiling(moe_dir, tmp_path):
+    """Loading a broken checkpoint fails fast with the adapter's message."""
+    from qwen3vl_moe.api import Qwen3VL
+
+    broken = tmp_path / "broken"
+    shutil.copytree(moe_dir, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.language_model.norm.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing tensor language_model\.norm\.weight"):
+        Qwen3VL(broken, devices="cpu", max_length=128, max_batch_size=1)
