@@ -44,6 +44,8 @@ def test_hub_layout_is_recognised_and_renamed(moe_dir):
     assert "language_model.embed_tokens.weight" in out
     assert "language_model.lm_head.weight" in out
     assert "vision_encoder.pos_embed.weight" in out
+    # The patch Conv3d is handed to the graph as the linear layer it equals.
+    assert list(out["vision_encoder.patch_embed.proj.weight"].shape) == [144, 3 * 2 * 16 * 16]
     assert not any(k.startswith("model.") for k in out)
     config = AutoConfig.from_pretrained(moe_dir)
     assert checkpoint_expert_layout(out, config.text_config) == "hub"

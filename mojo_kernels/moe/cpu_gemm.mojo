@@ -13,7 +13,9 @@
 #   weight rows; each accumulator is a SIMD vector along K, reduced at the end.
 # Both accumulate in float32, whatever the storage dtype (float32 or bfloat16).
 from std.math import exp, ceildiv
-from std.sys import simd_width_of
+from std.atomic import Atomic
+from std.sys import num_physical_cores, simd_width_of, size_of
+from std.sys.intrinsics import prefetch
 from max.algorithm import parallelize
 
 comptime F32 = DType.float32
@@ -28,6 +30,7 @@ comptime DOT_MR = 4      # dot kernels: 4 rows x 6 weight rows (3 gate + 3 up fo
 comptime DOT_NC = 6
 comptime DOT_COLS_PER_TASK = 48   # output columns per parallel task in the dot kernels
 comptime ROWS_PER_CHUNK = 96      # sorted rows per parallel task (multiple of 6 and 4)
+comptime PF_DIST = 16             # outer kernels: prefetch weight rows this many k ahead
 
 
 @always_inline
@@ -59,17 +62,27 @@ def swiglu[dtype: DType](g: SIMD[F32, _], u: type_of(g)) -> type_of(g):
 # ----------------------------------------------------------------------------- micro-kernels
 @always_inline
 def outer_tile[
-    dtype: DType, MR: Int, NB: Int, NV: Int, VW: Int
+    dtype: DType, MR: Int, NB: Int, NV: Int, VW: Int, PF: Bool = False
 ](
     a: Array[Pointer[Scalar[dtype], MutAnyOrigin], MR],
     b: Array[Pointer[Scalar[dtype], MutAnyOrigin], NB],
     ldb: Int,
     K: Int,
 ) -> Array[SIMD[F32, VW], MR * NB * NV]:
-    """Outer-product tile: acc[r, g, v] = sum_k a[r][k] * b[g][k*ldb + v*VW ..< +VW]  (float32)."""
+    """Outer-product tile: acc[r, g, v] = sum_k a[r][k] * b[g][k*ldb + v*VW ..< +VW]  (float32).
+
+    PF: software-prefetch the weight rows PF_DIST steps ahead. The weight rows of a
+    hub-layout panel are 2I or H elements apart, so every k touches new pages and the
+    hardware prefetchers do not help; the first row tile of a panel streams it from DRAM.
+    """
     comptime NBV = NB * NV
+    comptime LINE = 64 // size_of[dtype]()
     var acc = Array[SIMD[F32, VW], MR * NBV](fill=0)
     for k in range(K):
+        comptime if PF:
+            comptime for g in range(NB):
+                comptime for c in range(0, NV * VW, LINE):
+                    prefetch(b[g].unsafe_offset((k + PF_DIST) * ldb + c))
         var bv = Array[SIMD[F32, VW], NBV](fill=0)
         comptime for g in range(NB):
             comptime for v in range(NV):
@@ -114,9 +127,33 @@ def dot_tile[
 
 
 # ----------------------------------------------------------------------------- work split
+def run_dynamic[F: def(Int) -> None](func: F, n: Int):
+    """Run func(0 ..< n) on one worker per physical core, each pulling the next index
+    from a shared atomic counter (load balance across unequal tasks, and robust to a
+    core being taken by another process; `parallelize` splits statically)."""
+    if n <= 0:
+        return
+    var workers = min(num_physical_cores(), n)
+    if workers <= 1:
+        for i in range(n):
+            func(i)
+        return
+    var counter = Atomic[Int64](0)
+
+    def worker(w: Int) {ref counter, ref func, var n}:
+        while True:
+            var i = Int(counter.fetch_add(1))
+            if i >= n:
+                break
+            func(i)
+
+    parallelize(worker, workers, workers)
+
+
 def row_chunks(offsets: Pointer[Int32, MutAnyOrigin], E: Int) -> List[Int]:
     """Flat (expert, row_begin, row_end) triples covering every expert's sorted rows
-    in chunks of at most ROWS_PER_CHUNK rows (empty experts get none)."""
+    in chunks of at most ROWS_PER_CHUNK rows (empty experts get none), largest first
+    so that the dynamic schedule ends with the small tasks."""
     var chunks = List[Int]()
     for e in range(E):
         var r = Int(offsets[unsafe_offset=e])
@@ -127,6 +164,21 @@ def row_chunks(offsets: Pointer[Int32, MutAnyOrigin], E: Int) -> List[Int]:
             chunks.append(r)
             chunks.append(stop)
             r = stop
+    # insertion sort by size, descending (stable; a few hundred chunks at most per call)
+    var n = len(chunks) // 3
+    for i in range(1, n):
+        var e = chunks[3 * i]
+        var r0 = chunks[3 * i + 1]
+        var r1 = chunks[3 * i + 2]
+        var j = i
+        while j > 0 and chunks[3 * (j - 1) + 2] - chunks[3 * (j - 1) + 1] < r1 - r0:
+            chunks[3 * j] = chunks[3 * (j - 1)]
+            chunks[3 * j + 1] = chunks[3 * (j - 1) + 1]
+            chunks[3 * j + 2] = chunks[3 * (j - 1) + 2]
+            j -= 1
+        chunks[3 * j] = e
+        chunks[3 * j + 1] = r0
+        chunks[3 * j + 2] = r1
     return chunks^
 
 
@@ -161,7 +213,11 @@ def _gu_outer_cols[
             # rows past the end repeat the last real row (computed, not stored)
             var p = r + min(i, rows - 1)
             a[i] = x.unsafe_offset((Int(perm[unsafe_offset=p]) // top_k) * H)
-        var acc = outer_tile[dtype, MR, 2, NV, VW](a, b, 2 * I, H)
+        var acc: Array[SIMD[F32, VW], MR * 2 * NV]
+        if r == r0:     # the first row tile streams the weight panel from memory
+            acc = outer_tile[dtype, MR, 2, NV, VW, True](a, b, 2 * I, H)
+        else:
+            acc = outer_tile[dtype, MR, 2, NV, VW](a, b, 2 * I, H)
         comptime for i in range(MR):
             if i < rows:
                 var dst = h.unsafe_offset((r + i) * I + j)
@@ -242,7 +298,7 @@ def gate_up_cpu[
                 _gu_outer_cols[dtype, 1, 1](h, x, w_e, perm, r0, r1, j, top_k, H, I)
                 j += 1
 
-        parallelize(task_outer, n_chunks * n_tiles)
+        run_dynamic(task_outer, n_chunks * n_tiles)
     else:
         comptime NC = DOT_NC // 2
         comptime NT = DOT_COLS_PER_TASK
@@ -263,7 +319,7 @@ def gate_up_cpu[
                 _gu_dot_cols[dtype, 1](h, x, w_e, perm, r0, r1, j, top_k, H, I)
                 j += 1
 
-        parallelize(task_dot, n_chunks * n_tiles)
+        run_dynamic(task_dot, n_chunks * n_tiles)
 
 
 # ----------------------------------------------------------------------------- down
@@ -287,7 +343,11 @@ def _dn_outer_cols[
         var a = Array[Pointer[Scalar[dtype], MutAnyOrigin], MR](fill=hs)
         comptime for i in range(MR):
             a[i] = hs.unsafe_offset((r + min(i, rows - 1)) * I)
-        var acc = outer_tile[dtype, MR, 1, NV, VW](a, b, H, I)
+        var acc: Array[SIMD[F32, VW], MR * NV]
+        if r == r0:
+            acc = outer_tile[dtype, MR, 1, NV, VW, True](a, b, H, I)
+        else:
+            acc = outer_tile[dtype, MR, 1, NV, VW](a, b, H, I)
         comptime for i in range(MR):
             if i < rows:
                 var slot = Int(perm[unsafe_offset=r + i])
@@ -371,7 +431,7 @@ def down_cpu[
                 _dn_outer_cols[dtype, 1, 1](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
                 n += 1
 
-        parallelize(task_outer, n_chunks * n_tiles)
+        run_dynamic(task_outer, n_chunks * n_tiles)
     else:
         comptime NC = DOT_NC
         comptime NT = DOT_COLS_PER_TASK
@@ -392,7 +452,7 @@ def down_cpu[
                 _dn_dot_cols[dtype, 1](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
                 n += 1
 
-        parallelize(task_dot, n_chunks * n_tiles)
+        run_dynamic(task_dot, n_chunks * n_tiles)
 
 
 def combine_cpu[
@@ -423,4 +483,4 @@ def combine_cpu[
                 y[unsafe_offset=t * H + n] = acc.cast[dtype]()
                 n += 1
 
-    parallelize(task, ceildiv(T, ROWS))
+    run_dynamic(task, ceildiv(T, ROWS))

@@ -186,15 +186,22 @@ def bilinear_pos_embed_gpu_kernel[tdtype: DType](
     if tid == 0:
         var m = Int(merge_arg)
         var base = 0
-        var h = 1
-        var w = 1
+        var h = m
+        var w = m
+        var found = False
         for g in range(Int(G_arg)):
             var t = Int(grid[unsafe_offset=3 * g])
-            h = Int(grid[unsafe_offset=3 * g + 1])
-            w = Int(grid[unsafe_offset=3 * g + 2])
-            if n < base + t * h * w:
+            var hg = Int(grid[unsafe_offset=3 * g + 1])
+            var wg = Int(grid[unsafe_offset=3 * g + 2])
+            if n < base + t * hg * wg:
+                h = hg
+                w = wg
+                found = True
                 break
-            base += t * h * w
+            base += t * hg * wg
+        var zero = not found   # row past sum(t*h*w) (wrong row count): write zeros
+        if zero:
+            base = n
         var rc = _decode_row(n - base, h, w, m)
         var yc = linspace_coord(rc[0], h, side)
         var xc = linspace_coord(rc[1], w, side)
@@ -208,6 +215,15 @@ def bilinear_pos_embed_gpu_kernel[tdtype: DType](
         wt[unsafe_offset=1] = (1 - dy) * dx
         wt[unsafe_offset=2] = dy * (1 - dx)
         wt[unsafe_offset=3] = dy * dx
+        if zero:
+            idx[unsafe_offset=0] = 0
+            idx[unsafe_offset=1] = 0
+            idx[unsafe_offset=2] = 0
+            idx[unsafe_offset=3] = 0
+            wt[unsafe_offset=0] = 0
+            wt[unsafe_offset=1] = 0
+            wt[unsafe_offset=2] = 0
+            wt[unsafe_offset=3] = 0
     barrier()
     var t00 = table.unsafe_offset(Int(idx[unsafe_offset=0]) * hidden)
     var t01 = table.unsafe_offset(Int(idx[unsafe_offset=1]) * hidden)

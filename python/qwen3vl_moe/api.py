@@ -4,6 +4,11 @@
 >>> llm = Qwen3VL("path/to/checkpoint", devices="cpu")
 >>> [out] = llm.generate([[{"role": "user", "content": "Hello"}]], max_new_tokens=16)
 >>> out.text, out.token_ids
+>>> llm.generate([[{"role": "user", "content": [
+...     {"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is this?"}]}]])
+
+Images are PIL images, encoded bytes or file paths; videos are encoded bytes or
+file paths.
 
 Everything runs through MAX's pipeline (the same tokenizer, KV cache manager
 and sampler as ``max serve``), with this package registered as the
@@ -13,6 +18,7 @@ architecture, so the script path and the server path cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 os.environ.setdefault("MODULAR_TELEMETRY_ENABLED", "0")
 
@@ -40,6 +47,39 @@ class Generation:
     prompt_token_ids: list[int]
     logits: list[np.ndarray] = field(default_factory=list)
     """Per generated token, the [vocab] logits it was sampled from (``output_logits=True``)."""
+
+
+def _media_bytes(value: Any, kind: str) -> bytes:
+    """Encoded bytes of an image/video given as bytes, a path, or (images) a PIL image."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str | Path):
+        return Path(value).read_bytes()
+    if kind == "image" and isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")  # lossless: the pixels reach the model unchanged
+        return buffer.getvalue()
+    raise TypeError(f"unsupported {kind} value of type {type(value).__name__}")
+
+
+def _split_media(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], list[bytes], list[bytes]]:
+    """Moves image/video payloads out of the messages, leaving placeholders in order."""
+    chat, images, videos = [], [], []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str) or content is None:
+            chat.append(dict(message))
+            continue
+        parts = []
+        for part in content:
+            kind = part.get("type")
+            if kind in ("image", "video") and kind in part:
+                (images if kind == "image" else videos).append(_media_bytes(part[kind], kind))
+                parts.append({"type": kind})
+            else:
+                parts.append(dict(part))
+        chat.append({**message, "content": parts})
+    return chat, images, videos
 
 
 class _LogitsRecorder:
@@ -119,10 +159,13 @@ class Qwen3VL:
         return [logits[offsets[i]:offsets[i + 1]] for i in range(len(conversations))]
 
     def _context(self, messages: Sequence[Message], sampling: SamplingParams) -> Any:
+        chat, images, videos = _split_media(messages)
         request = TextGenerationRequest(
             request_id=RequestID(),
             model_name=self.model_name,
-            messages=list(messages),  # type: ignore[arg-type]
+            messages=chat,  # type: ignore[arg-type]
+            images=images,
+            videos=videos,
             sampling_params=sampling,
         )
         return asyncio.run(self.tokenizer.new_context(request))

@@ -1,7 +1,8 @@
 """MAX architecture registrations (``max serve/generate --custom-architectures qwen3vl_moe``).
 
-The tokenizer, request context and batch processor are MAX's own Qwen3-VL
-ones: they define the inputs contract this package's model honours.
+The request context and batch processor are MAX's own Qwen3-VL ones: they
+define the inputs contract this package's model honours. The tokenizer is
+MAX's with transformers-exact image preprocessing (``processing.py``).
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 from max.graph.weights import WeightsFormat
 from max.pipelines.architectures.qwen3vl_moe.batch_processor import Qwen3VLMoeBatchProcessor
 from max.pipelines.architectures.qwen3vl_moe.context import Qwen3VLTextAndVisionContext
-from max.pipelines.architectures.qwen3vl_moe.tokenizer import Qwen3VLTokenizer
 from max.pipelines.kv_cache.memory_planner import PagedMemoryPlanner
 from max.pipelines.lib import SupportedArchitecture
 from max.pipelines.modeling.types import InputModality, PipelineTask
 
 from .model import Qwen3VLModel
 from .model_config import Qwen3VLConfig
+from .processing import Qwen3VLTokenizer
 from .weight_adapters import convert_qwen3vl_model_state_dict
 
 # Activations of the largest supported step, kept out of the KV cache budget.
@@ -29,7 +30,7 @@ def _architecture(name: str, example_repo_ids: list[str]) -> SupportedArchitectu
         example_repo_ids=example_repo_ids,
         default_weights_format=WeightsFormat.safetensors,
         multi_gpu_supported=False,
-        input_modalities={InputModality.TEXT, InputModality.IMAGE},
+        input_modalities={InputModality.TEXT, InputModality.IMAGE, InputModality.VIDEO},
         default_encoding=Qwen3VLConfig.DEFAULT_ENCODING,
         supported_encodings=Qwen3VLConfig.SUPPORTED_ENCODINGS - {"float8_e4m3fn"},
         weight_adapters={WeightsFormat.safetensors: convert_qwen3vl_model_state_dict},

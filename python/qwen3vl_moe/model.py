@@ -1,8 +1,8 @@
 """The Qwen3-VL pipeline model: loads weights, compiles graphs, runs steps.
 
 It keeps the public surface of MAX's built-in ``Qwen3VLModel`` (same inputs,
-same execute contract with the built-in batch processor and tokenizer) and
-replaces what cannot run on CPU or loses precision there: the graphs are this
+same contract with the built-in batch processor and tokenizer) and replaces
+what cannot run on CPU or loses precision there: the graphs are this
 package's, the weights keep the checkpoint's float32 when asked to, and the
 expert layout is checked rather than assumed.
 """
@@ -12,18 +12,20 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any, ClassVar
 
+from max import tree
 from max.driver import Buffer
-
 from max.graph.weights import WeightData
 from max.nn.layer import Module
 from max.pipelines.architectures.qwen3vl_moe import model as _builtin
+from max.pipelines.architectures.qwen3vl_moe.batch_processor import Qwen3VLMoeBatchProcessor
 from max.pipelines.architectures.qwen3vl_moe.model import Qwen3VLInputs
 from max.pipelines.lib import ModelInputs, ModelOutputs
 from max.pipelines.lib.graph_specs import GraphRole, GraphSpec
-from max import tree
 
+from .kernels import kernel_package
 from .model_config import Qwen3VLConfig
 from .nn.text_decoder import Qwen3VLTextDecoder
+from .nn.vision import Qwen3VLVisionEncoder
 from .weight_adapters import checkpoint_expert_layout, convert_qwen3vl_model_state_dict
 
 __all__ = ["Qwen3VLInputs", "Qwen3VLModel"]
@@ -34,8 +36,9 @@ _COMPILE_GROUP = "qwen3vl_moe"
 class Qwen3VLGraphs(Module):
     """Holds the graph modules under the names their weights carry."""
 
-    def __init__(self, language_model: Qwen3VLTextDecoder) -> None:
+    def __init__(self, vision_encoder: Qwen3VLVisionEncoder, language_model: Qwen3VLTextDecoder) -> None:
         super().__init__()
+        self.vision_encoder = vision_encoder
         self.language_model = language_model
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -79,18 +82,28 @@ class Qwen3VLModel(_builtin.Qwen3VLModel):
             return_logits=self.return_logits,
         )
         self.model_config = config
-        layout = checkpoint_expert_layout(self._language_weights_dict, self.huggingface_config.text_config)
+        hf = self.huggingface_config
+        layout = checkpoint_expert_layout(self._language_weights_dict, hf.text_config)
         self.model = Qwen3VLGraphs(
-            Qwen3VLTextDecoder(config, self.huggingface_config, layout, self.return_logits)
+            Qwen3VLVisionEncoder(hf.vision_config, config.dtype, config.devices[0]),
+            Qwen3VLTextDecoder(config, hf, layout, self.return_logits),
         )
-        self.model.load_state_dict(self._language_weights_dict, weight_alignment=1, strict=True)
+        self.model.load_state_dict(model_state_dict, weight_alignment=1, strict=True)
         return config
 
     def graph_specs(self, model_config: Qwen3VLConfig) -> dict[str, GraphSpec]:
-        """The text decoder graph (the vision encoder graph joins it in one compile group)."""
+        """The vision encoder and the text decoder, compiled as one group."""
         del model_config
-        decoder = self.model.language_model
+        vision, decoder = self.model.vision_encoder, self.model.language_model
         return {
+            GraphRole.VISION: GraphSpec(
+                vision,
+                "qwen3vl_vision",
+                tuple(tree.leaves(vision.input_tree())),
+                weights=self._vision_weights_dict,
+                group=_COMPILE_GROUP,
+                custom_extensions=(kernel_package("vision"),),
+            ),
             GraphRole.DECODER: GraphSpec(
                 decoder,
                 "qwen3vl_language",
@@ -101,10 +114,39 @@ class Qwen3VLModel(_builtin.Qwen3VLModel):
         }
 
     def execute(self, model_inputs: ModelInputs) -> ModelOutputs:
+        """Encodes the batch's images/videos if any, then runs the decoder step."""
         assert isinstance(model_inputs, Qwen3VLInputs)
-        if model_inputs.has_vision_inputs and GraphRole.VISION not in self._models:
-            raise NotImplementedError(
-                "image and video inputs are not supported yet by this build of "
-                "qwen3vl-moe: the vision encoder graph is not implemented"
+        if model_inputs.has_vision_inputs:
+            assert model_inputs.grid_thw and model_inputs.vision_position_ids and model_inputs.cu_seqlens
+            assert model_inputs.pixel_values and model_inputs.image_token_indices is not None
+            merged, *deepstack = self.vision_model.execute(
+                model_inputs.pixel_values[0],
+                model_inputs.grid_thw[0],
+                model_inputs.vision_position_ids[0],
+                model_inputs.cu_seqlens[0],
             )
-        return super().execute(model_inputs)
+            image_embeddings, deepstack_embeddings = [merged], deepstack
+            image_token_indices = model_inputs.image_token_indices
+            if int(image_token_indices[0].shape[0]) != int(merged.shape[0]):
+                raise ValueError(
+                    f"{image_token_indices[0].shape[0]} image/video placeholder tokens "
+                    f"but the vision encoder produced {merged.shape[0]} embeddings"
+                )
+        else:
+            assert isinstance(self._batch_processor, Qwen3VLMoeBatchProcessor)
+            image_embeddings, deepstack_embeddings = self._batch_processor.empty_image_embeddings()
+            image_token_indices = self._batch_processor.empty_image_token_indices()
+
+        outputs = self.language_model.execute(
+            model_inputs.tokens,
+            model_inputs.return_n_logits,
+            *model_inputs.input_row_offsets,
+            *image_embeddings,
+            *deepstack_embeddings,
+            *image_token_indices,
+            model_inputs.decoder_position_ids,
+            *tree.leaves(model_inputs.kv_cache_inputs),
+        )
+        if len(outputs) == 3:
+            return ModelOutputs(next_token_logits=outputs[0], logits=outputs[1], logit_offsets=outputs[2])
+        return ModelOutputs(next_token_logits=outputs[0], logits=outputs[0])

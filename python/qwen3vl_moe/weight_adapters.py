@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from max.driver import Buffer
 from max.dtype import DType
 from max.graph.weights import WeightData, Weights
 
@@ -204,7 +205,23 @@ def convert_qwen3vl_model_state_dict(
         raise CheckpointError(
             "checkpoint does not match its config:\n  " + "\n  ".join(problems)
         )
+    patch = "vision_encoder.patch_embed.proj.weight"
+    weights[patch] = _conv_as_linear(weights[patch])
     return weights
+
+
+def _conv_as_linear(conv: WeightData) -> WeightData:
+    """Views the patch Conv3d weight [D, C, T, P, P] as the linear [D, C*T*P*P] it equals."""
+    buffer = Buffer.from_dlpack(conv.data)
+    out_dim = int(buffer.shape[0])
+    buffer = buffer.view(dtype=buffer.dtype, shape=(out_dim, buffer.num_elements // out_dim))
+    return WeightData(
+        data=buffer,
+        name=conv.name,
+        dtype=conv.dtype,
+        shape=conv.shape.__class__(buffer.shape),
+        quantization_encoding=conv.quantization_encoding,
+    )
 
 
 def checkpoint_expert_layout(weights: Mapping[str, WeightData], text_config: Any) -> ExpertLayout | None:

@@ -1,0 +1,103 @@
+"""Request processing: chat template, image preprocessing, placeholders, 3-D positions.
+
+MAX's built-in Qwen3-VL tokenizer already renders the chat template, expands
+image/video placeholders and computes ``get_rope_index`` exactly as
+transformers does (checked in tests). Its image pixels differ from
+transformers' by one float32 ulp (it normalises in a fused float32 formula) and
+it hard-codes the pixel budget; this subclass preprocesses images exactly as
+transformers' PIL-backend processor does, with the checkpoint's own
+``preprocessor_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from max.pipelines.architectures.qwen2_5vl.nn.qwen_vl_utils import smart_resize
+from max.pipelines.architectures.qwen3vl_moe import tokenizer as _builtin
+from PIL import Image
+
+__all__ = ["ImageProcessor", "Qwen3VLTokenizer"]
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """transformers' ``Qwen2VLImageProcessorPil`` for Qwen3-VL, in numpy + PIL.
+
+    smart_resize (factor patch*merge, banker's rounding, pixel budget), PIL
+    bicubic resize of the uint8 RGB image, rescale in float64 then float32,
+    normalise in float32, frame duplicated into the temporal slots, patches in
+    merge-window order with columns (c, t, py, px).
+    """
+
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 65536
+    max_pixels: int = 16777216
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    resample: int = Image.Resampling.BICUBIC
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ImageProcessor:
+        size = config.get("size") or {}
+        return cls(
+            patch_size=config.get("patch_size", 16),
+            temporal_patch_size=config.get("temporal_patch_size", 2),
+            merge_size=config.get("merge_size", 2),
+            min_pixels=size.get("shortest_edge", config.get("min_pixels", 65536)),
+            max_pixels=size.get("longest_edge", config.get("max_pixels", 16777216)),
+            rescale_factor=config.get("rescale_factor", 1 / 255),
+            image_mean=tuple(config.get("image_mean", (0.5, 0.5, 0.5))),
+            image_std=tuple(config.get("image_std", (0.5, 0.5, 0.5))),
+            resample=config.get("resample", Image.Resampling.BICUBIC),
+        )
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path) -> ImageProcessor:
+        from transformers.utils import cached_file
+
+        path = cached_file(str(model_path), "preprocessor_config.json")
+        return cls.from_config(json.loads(Path(path).read_text()) if path else {})
+
+    def preprocess_one(self, image: Image.Image) -> tuple[npt.NDArray[np.float32], tuple[int, int, int]]:
+        """One image -> (pixel rows [gh*gw, C*Tp*P*P] float32, (1, gh, gw))."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        width, height = image.size
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        if (h, w) != (height, width):
+            image = image.resize((w, h), resample=self.resample)
+        pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # [C, H, W]
+        x = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
+        x = (x - mean) / std
+        P, Tp, m = self.patch_size, self.temporal_patch_size, self.merge_size
+        gh, gw, C = h // P, w // P, x.shape[0]
+        frames = np.broadcast_to(x, (Tp, *x.shape))  # the image fills every temporal slot
+        patches = frames.reshape(Tp, C, gh // m, m, P, gw // m, m, P).transpose(2, 5, 3, 6, 1, 0, 4, 7)
+        return np.ascontiguousarray(patches.reshape(gh * gw, C * Tp * P * P)), (1, gh, gw)
+
+    def __call__(self, images: list[Image.Image] | Image.Image, return_tensors: str = "np"):
+        """The built-in processor's interface: (stacked rows, grids [n, 3], rows per image)."""
+        del return_tensors
+        images = [images] if isinstance(images, Image.Image) else images
+        rows, grids = zip(*(self.preprocess_one(image) for image in images))
+        return np.vstack(rows), np.asarray(grids, dtype=np.int32), list(rows)
+
+
+class Qwen3VLTokenizer(_builtin.Qwen3VLTokenizer):
+    """MAX's Qwen3-VL tokenizer with transformers-exact image preprocessing."""
+
+    def __init__(self, model_path: str, pipeline_config: Any, **kwargs: Any) -> None:
+        super().__init__(model_path, pipeline_config, **kwargs)
+        self.img_processor = ImageProcessor.from_pretrained(model_path)

@@ -1,0 +1,193 @@
+"""Images end to end on CPU float32 against transformers: pixels, vision encoder, logits, greedy.
+
+transformers is run with its PIL-backend image processor, which this package
+reproduces bit for bit; the default torchvision backend resizes differently by
+up to 2/255 per pixel (a different bicubic implementation), see docs/STATUS.md.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
+
+NEW_TOKENS = 32
+
+
+def image(h: int, w: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # Smooth-ish content so resizing does real interpolation work.
+    base = rng.integers(0, 256, (h // 4 + 2, w // 4 + 2, 4), dtype=np.uint8)
+    big = Image.fromarray(base, "RGBA").resize((w, h), Image.Resampling.BILINEAR)
+    return big.convert(mode)
+
+
+def conversation(images: list[Image.Image], text: str) -> list[dict]:
+    parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": parts}]
+
+
+ONE_IMAGE = conversation([image(64, 96, 0)], "What is in the picture?")
+TWO_IMAGES = conversation([image(300, 170, 1), image(40, 72, 2, "L")], "Compare these two images.")
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return tiny_checkpoint("moe")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_processor(checkpoint):
+    from transformers import AutoProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
+    return processor
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    from qwen3vl_moe.api import Qwen3VL
+
+    return Qwen3VL(checkpoint, devices="cpu", max_length=1024, max_batch_size=4, echo=True)
+
+
+def hf_inputs(processor, conv) -> dict:
+    images = [p["image"] for m in conv for p in m["content"] if p.get("type") == "image"]
+    chat = [{**m, "content": [{"type": p["type"]} if p["type"] == "image" else p for p in m["content"]]} for m in conv]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    return dict(processor(text=[text], images=images, return_tensors="pt"))
+
+
+def hf_logits(model, inputs: dict) -> np.ndarray:
+    with torch.no_grad():
+        return model(**inputs).logits[0].float().numpy()
+
+
+def assert_close(got: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-4) -> None:
+    assert got.shape == ref.shape, what
+    tol = rel * max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(got - ref).max())
+    assert err <= tol, f"{what}: max abs diff {err:.3g} > {tol:.3g}"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    h=st.integers(1, 700), w=st.integers(1, 700),
+    mode=st.sampled_from(["RGB", "L", "RGBA", "P", "CMYK"]), seed=st.integers(0, 2**16),
+)
+def test_image_pixels_identical_to_transformers(hf_processor, checkpoint, h, w, mode, seed):
+    from qwen3vl_moe.processing import ImageProcessor
+
+    if max(h, w) / min(h, w) > 200:
+        return  # transformers rejects extreme aspect ratios; so do we (same smart_resize)
+    im = image(max(h, 4), max(w, 4), seed, mode) if mode != "P" else image(max(h, 4), max(w, 4), seed).convert("P")
+    ref = hf_processor.image_processor(images=[im], return_tensors="np")
+    pixels, grid, _ = ImageProcessor.from_pretrained(checkpoint)([im])
+    assert grid.tolist() == ref["image_grid_thw"].tolist()
+    assert np.array_equal(pixels, ref["pixel_values"])
+
+
+@pytest.mark.parametrize("conv", [ONE_IMAGE, TWO_IMAGES], ids=["one_image", "two_images"])
+def test_prompt_ids_and_vision_inputs_match(engine, hf_processor, conv):
+    from max.pipelines.context import SamplingParams
+
+    ctx = engine._context(conv, SamplingParams(max_new_tokens=1))
+    ref = hf_inputs(hf_processor, conv)
+    assert list(ctx.tokens.all[: len(ctx.tokens)]) == ref["input_ids"][0].tolist()
+    assert ctx.vision_data.image_grid_thw.tolist() == ref["image_grid_thw"].tolist()
+    assert np.array_equal(ctx.vision_data.concatenated_pixel_values, ref["pixel_values"].numpy())
+
+
+def test_vision_encoder_matches_transformers(engine, reference, hf_processor):
+    from max.driver import Buffer
+    from max.pipelines.context import SamplingParams
+
+    ctx = engine._context(TWO_IMAGES, SamplingParams(max_new_tokens=1))
+    vd = ctx.vision_data
+    vision = engine.pipeline._pipeline_model.vision_model
+    outputs = vision.execute(
+        Buffer.from_numpy(np.ascontiguousarray(vd.concatenated_pixel_values, dtype=np.float32)),
+        Buffer.from_numpy(vd.image_grid_thw.astype(np.int64)),
+        Buffer.from_numpy(vd.vision_position_ids.astype(np.int32)),
+        Buffer.from_numpy(vd.cu_seqlens.astype(np.uint32)),
+    )
+    ours = [o.to_numpy() for o in outputs]
+    ref_in = hf_inputs(hf_processor, TWO_IMAGES)
+    with torch.no_grad():
+        out = reference.model.visual(ref_in["pixel_values"], grid_thw=ref_in["image_grid_thw"])
+    ref = [out.pooler_output, *out.deepstack_features]
+    assert len(ours) == len(ref) == 1 + len(reference.config.vision_config.deepstack_visual_indexes)
+    for i, (got, want) in enumerate(zip(ours, ref, strict=True)):
+        want = want.float().numpy()
+        assert got.shape == want.shape
+        rel = float(np.abs(got - want).max() / np.abs(want).max())
+        assert rel <= 1e-4, f"vision output {i}: relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("conv", [ONE_IMAGE, TWO_IMAGES], ids=["one_image", "two_images"])
+def test_image_prompt_logits_match_transformers(engine, reference, hf_processor, conv):
+    [ours] = engine.prefill_logits([conv])
+    assert_close(ours, hf_logits(reference, hf_inputs(hf_processor, conv)), "prefill logits")
+
+
+@pytest.mark.parametrize("conv", [ONE_IMAGE, TWO_IMAGES], ids=["one_image", "two_images"])
+def test_image_greedy_continuation_matches_transformers(engine, reference, hf_processor, conv):
+    [out] = engine.generate([conv], max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    inputs = hf_inputs(hf_processor, conv)
+    seq = inputs["input_ids"]
+    types = inputs["mm_token_type_ids"]
+    expected = []
+    for _ in range(NEW_TOKENS):
+        step = {**inputs, "input_ids": seq, "attention_mask": torch.ones_like(seq), "mm_token_type_ids": types}
+        nxt = int(hf_logits(reference, step)[-1].argmax())
+        expected.append(nxt)
+        seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+        types = torch.cat([types, torch.zeros((1, 1), dtype=types.dtype)], dim=1)
+    assert out.token_ids == expected
+
+
+def test_text_and_image_requests_share_a_batch(engine):
+    text_only = [{"role": "user", "content": "Say something about colours."}]
+    batch = [text_only, ONE_IMAGE, TWO_IMAGES]
+    together = engine.generate(batch, max_new_tokens=12, ignore_eos=True)
+    for conv, got in zip(batch, together, strict=True):
+        [alone] = engine.generate([conv], max_new_tokens=12, ignore_eos=True)
+        assert got.token_ids == alone.token_ids
+
+
+def test_placeholder_image_mismatch_is_a_clear_error(engine):
+    from max.pipelines.context import SamplingParams
+    from max.pipelines.modeling.types import RequestID, TextGenerationRequest
+    import asyncio
+
+    buf = io.BytesIO()
+    image(32, 32, 3).save(buf, format="PNG")
+    with pytest.raises(ValueError, match="number of images provided"):
+        request = TextGenerationRequest(
+            request_id=RequestID(), model_name="m",
+            messages=[{"role": "user", "content": [{"type": "text", "text": "no image placeholder here"}]}],
+            images=[buf.getvalue()], sampling_params=SamplingParams(max_new_tokens=1),
+        )
+        asyncio.run(engine.tokenizer.new_context(request))
+
+
+def test_unreadable_image_is_a_clear_error(engine):
+    conv = [{"role": "user", "content": [{"type": "image", "image": b"definitely not an image"}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(Exception, match="(?i)image"):
+        engine.generate([conv], max_new_tokens=1)
