@@ -191,3 +191,88 @@ def test_unreadable_image_is_a_clear_error(engine):
     conv = [{"role": "user", "content": [{"type": "image", "image": b"definitely not an image"}, {"type": "text", "text": "?"}]}]
     with pytest.raises(Exception, match="(?i)image"):
         engine.generate([conv], max_new_tokens=1)
+
+
+# ----------------------------------------------------------------------------- video
+
+def make_video(n_frames: int, fps: int, h: int, w: int, seed: int = 0) -> bytes:
+    """A lossless (FFV1) clip of moving smooth noise, so both sides decode identical frames."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, (h // 4 + 2, w // 4 + 2, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv444p"
+        for i in range(n_frames):
+            frame = base.rotate(3 * i).resize((w, h), Image.Resampling.BILINEAR)
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def decode_all(video: bytes) -> np.ndarray:
+    import av
+
+    with av.open(io.BytesIO(video)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def hf_video_inputs(processor, video: bytes, fps: float, text: str) -> dict:
+    from transformers.video_utils import VideoMetadata
+
+    frames = decode_all(video)
+    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    meta = VideoMetadata(total_num_frames=len(frames), fps=fps, width=frames.shape[2], height=frames.shape[1])
+    return dict(processor(text=[prompt], videos=[frames], video_metadata=[meta], do_sample_frames=True, return_tensors="pt"))
+
+
+VIDEO = make_video(30, 10, 96, 128)  # 3 s at 10 fps -> 6 frames sampled at 2 fps, 3 temporal groups
+VIDEO_CONV = [{"role": "user", "content": [{"type": "video", "video": VIDEO}, {"type": "text", "text": "What happens?"}]}]
+
+
+@pytest.mark.parametrize("size", [(96, 128), (100, 130), (45, 300)], ids=["no_resize", "resize", "wide"])
+def test_video_prompt_and_inputs_match_transformers(engine, hf_processor, size):
+    from max.pipelines.context import SamplingParams
+
+    video = make_video(23, 12, *size, seed=size[0])
+    conv = [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "Describe"}]}]
+    ctx = engine._context(conv, SamplingParams(max_new_tokens=1))
+    ref = hf_video_inputs(hf_processor, video, 12.0, "Describe")
+    # Token ids include the per-frame-group "<t seconds>" timestamps.
+    assert list(ctx.tokens.all[: len(ctx.tokens)]) == ref["input_ids"][0].tolist()
+    assert ctx.vision_data.image_grid_thw.tolist() == ref["video_grid_thw"].tolist()
+    ours, theirs = ctx.vision_data.concatenated_pixel_values, ref["pixel_values_videos"].numpy()
+    assert ours.shape == theirs.shape
+    if size == (96, 128):  # no resize: identical
+        assert np.array_equal(ours, theirs)
+    else:  # PIL vs torchvision bicubic: at most one or two uint8 levels apart
+        assert float(np.abs(ours - theirs).max()) <= 2 / 127.5 + 1e-6
+
+
+def test_video_logits_and_greedy_match_transformers(engine, reference, hf_processor):
+    ref_inputs = hf_video_inputs(hf_processor, VIDEO, 10.0, "What happens?")
+    [ours] = engine.prefill_logits([VIDEO_CONV])
+    assert_close(ours, hf_logits(reference, ref_inputs), "video prefill logits")
+
+    [out] = engine.generate([VIDEO_CONV], max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    seq, types = ref_inputs["input_ids"], ref_inputs["mm_token_type_ids"]
+    expected = []
+    for _ in range(NEW_TOKENS):
+        step = {**ref_inputs, "input_ids": seq, "attention_mask": torch.ones_like(seq), "mm_token_type_ids": types}
+        nxt = int(hf_logits(reference, step)[-1].argmax())
+        expected.append(nxt)
+        seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+        types = torch.cat([types, torch.zeros((1, 1), dtype=types.dtype)], dim=1)
+    assert out.token_ids == expected
+
+
+@pytest.mark.parametrize("payload", [b"", b"not a video at all"], ids=["empty", "garbage"])
+def test_bad_video_is_a_clear_error(engine, payload):
+    conv = [{"role": "user", "content": [{"type": "video", "video": payload}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(Exception, match="(?i)video|decode|frame"):
+        engine.generate([conv], max_new_tokens=1)

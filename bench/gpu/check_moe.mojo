@@ -3,7 +3,8 @@
 # custom ops make (moe.routing.enqueue_route_gpu, moe.gpu_gemm.enqueue_*_gpu).
 #
 # Shape: Qwen3-VL-30B-A3B, T = 4096 tokens, top-8 of E = 128 experts (32768 routed
-# rows), H = 2048, I = 768. Configs: {bf16, f32} x {hub layout, transformers layout}.
+# rows), H = 2048, I = 768. Configs: {bf16 (tensor cores; ldmatrix and scalar-load
+# fragment variants), f32 (FMA)} x {hub layout, transformers layout}.
 # Inputs are random (hash-based, never zero). Checks, per config:
 #   * routing: offsets/perm form a stable sort of the slots by the GPU's expert ids (all
 #     tokens); ids/weights equal the CPU routing code's on 256 sampled tokens;
@@ -83,7 +84,7 @@ struct Result(Copyable, Movable):
         self.t_dn = t_dn
 
 
-def run_config[dtype: DType, hub: Bool](ctx: DeviceContext, name: String) raises -> Result:
+def run_config[dtype: DType, hub: Bool, ldsm: Bool = True](ctx: DeviceContext, name: String) raises -> Result:
     print("==", name, ": T", T, "top_k", TOPK, "E", E, "H", H, "I", I)
     var x_b = ctx.enqueue_create_buffer[dtype](T * H)
     var l_b = ctx.enqueue_create_buffer[dtype](T * E)
@@ -116,10 +117,10 @@ def run_config[dtype: DType, hub: Bool](ctx: DeviceContext, name: String) raises
         enqueue_route_gpu[dtype, TOPK](c, lg, rw, ids, perm, off, T, E)
 
     def run_gate_up(c: DeviceContext) raises {var h, var x, var gu, var perm, var off}:
-        enqueue_gate_up_gpu[dtype, hub](c, h, x, gu, perm, off, T, TOPK, E, H, I)
+        enqueue_gate_up_gpu[dtype, hub, ldsm](c, h, x, gu, perm, off, T, TOPK, E, H, I)
 
     def run_down(c: DeviceContext) raises {var y, var ws, var h, var dn, var perm, var off, var rw}:
-        enqueue_down_gpu[dtype, hub](c, y, ws, h, dn, perm, off, rw, T, TOPK, E, H, I)
+        enqueue_down_gpu[dtype, hub, ldsm](c, y, ws, h, dn, perm, off, rw, T, TOPK, E, H, I)
 
     run_route(ctx)
     run_gate_up(ctx)
@@ -249,8 +250,12 @@ def main() raises:
     var ctx = DeviceContext()
     print("device:", ctx.name())
     var results = List[Result]()
-    results.append(run_config[DType.bfloat16, True](ctx, "bf16 hub"))
-    results.append(run_config[DType.bfloat16, False](ctx, "bf16 transformers"))
+    # bf16 runs on tensor cores; "ldsm" = fragments via ldmatrix (the default,
+    # moe.gpu_gemm.TC_LDMATRIX), "lds" = the scalar shared-load fallback
+    results.append(run_config[DType.bfloat16, True, True](ctx, "bf16 hub ldsm"))
+    results.append(run_config[DType.bfloat16, False, True](ctx, "bf16 transformers ldsm"))
+    results.append(run_config[DType.bfloat16, True, False](ctx, "bf16 hub lds"))
+    results.append(run_config[DType.bfloat16, False, False](ctx, "bf16 transformers lds"))
     results.append(run_config[DType.float32, True](ctx, "f32 hub"))
     results.append(run_config[DType.float32, False](ctx, "f32 transformers"))
     var fl = 2.0 * Float64(S) * Float64(H) * Float64(3 * I)

@@ -16,10 +16,17 @@ from std.math import exp, ceildiv
 from std.atomic import Atomic
 from std.sys import num_physical_cores, simd_width_of, size_of
 from std.sys.intrinsics import prefetch
+from std.sys import llvm_intrinsic
+from std.sys.info import CompilationTarget
+from std.memory import bitcast
 from max.algorithm import parallelize
 
 comptime F32 = DType.float32
+comptime BF16 = DType.bfloat16
 comptime VEC = simd_width_of[DType.float32]()     # 16 with AVX-512, 8 with AVX2
+# bf16 x bf16 -> f32 pair dot products (vdpbf16ps, AVX512-BF16: Zen 4, Sapphire Rapids):
+# twice the FMA rate, float32 accumulation. Decided for the machine compiling the graph.
+comptime USE_DPBF16 = VEC == 16 and CompilationTarget._has_feature["avx512bf16"]()
 
 # Register blocking (AVX-512 has 32 vector registers: 24 accumulators here).
 comptime GU_MR = 6       # gate_up outer: 6 rows x (gate 2 vectors + up 2 vectors)
@@ -95,6 +102,12 @@ def outer_tile[
 
 
 @always_inline
+def dpbf16(acc: SIMD[F32, 16], a: SIMD[BF16, 32], b: SIMD[BF16, 32]) -> SIMD[F32, 16]:
+    """Pair dot: acc[i] += a[2i]*b[2i] + a[2i+1]*b[2i+1]  (float32, vdpbf16ps)."""
+    return llvm_intrinsic["llvm.x86.avx512bf16.dpbf16ps.512", SIMD[F32, 16]](acc, a, b)
+
+
+@always_inline
 def dot_tile[
     dtype: DType, MR: Int, NC: Int
 ](
@@ -105,6 +118,18 @@ def dot_tile[
     """Dot-product tile: out[r, c] = sum_k a[r][k] * b[c][k]  (float32 accumulation)."""
     var acc = Array[SIMD[F32, VEC], MR * NC](fill=0)
     var k = 0
+    comptime if dtype == BF16 and USE_DPBF16:
+        while k + 2 * VEC <= K:
+            var bw = Array[SIMD[BF16, 32], NC](fill=0)
+            comptime for c in range(NC):
+                bw[c] = rebind[SIMD[BF16, 32]](b[c].unsafe_load[width=32](k))
+            comptime for r in range(MR):
+                var aw = rebind[SIMD[BF16, 32]](a[r].unsafe_load[width=32](k))
+                comptime for c in range(NC):
+                    acc[r * NC + c] = rebind[SIMD[F32, VEC]](
+                        dpbf16(rebind[SIMD[F32, 16]](acc[r * NC + c]), aw, bw[c])
+                    )
+            k += 2 * VEC
     while k + VEC <= K:
         var bv = Array[SIMD[F32, VEC], NC](fill=0)
         comptime for c in range(NC):
@@ -126,17 +151,88 @@ def dot_tile[
     return out^
 
 
+# bf16 hub layout on AVX512-BF16: the weight panel is packed once per task into k-pairs,
+# packed[kp, i] = interleave(W[2kp, cols_i], W[2kp+1, cols_i]) (32 bf16 = 16 columns x 2 k),
+# then each step broadcasts the activation pair (a[2kp], a[2kp+1]) and does one vdpbf16ps
+# per accumulator vector.
+@always_inline
+def pack_pairs[
+    NB: Int, NV: Int
+](
+    dst: Pointer[Scalar[BF16], MutAnyOrigin],
+    b: Array[Pointer[Scalar[BF16], MutAnyOrigin], NB],
+    ldb: Int,
+    K: Int,
+):
+    """Pack NB groups of NV*16 columns of a [K, ldb] bf16 matrix into k-pairs (odd K: 0-padded)."""
+    comptime NBV = NB * NV
+    for kp in range(ceildiv(K, 2)):
+        var k = 2 * kp
+        comptime for g in range(NB):
+            comptime for c in range(0, NV * 16, 32):
+                prefetch(b[g].unsafe_offset((k + 2 * PF_DIST) * ldb + c))
+                prefetch(b[g].unsafe_offset((k + 2 * PF_DIST + 1) * ldb + c))
+            comptime for v in range(NV):
+                var lo = b[g].unsafe_load[width=16](k * ldb + v * 16)
+                var hi = SIMD[BF16, 16](0)
+                if k + 1 < K:
+                    hi = b[g].unsafe_load[width=16]((k + 1) * ldb + v * 16)
+                dst.unsafe_store((kp * NBV + g * NV + v) * 32, lo.interleave(hi))
+
+
+@always_inline
+def outer_tile_dp[
+    MR: Int, NBV: Int
+](
+    a: Array[Pointer[Scalar[BF16], MutAnyOrigin], MR],
+    packed: Pointer[Scalar[BF16], MutAnyOrigin],
+    K: Int,
+) -> Array[SIMD[F32, 16], MR * NBV]:
+    """Outer-product tile over a packed panel: acc[r, i] = sum_k a[r][k] * W[k, cols_i]."""
+    var acc = Array[SIMD[F32, 16], MR * NBV](fill=0)
+    var n_full = K // 2
+    for kp in range(n_full):
+        var bv = Array[SIMD[BF16, 32], NBV](fill=0)
+        comptime for i in range(NBV):
+            bv[i] = packed.unsafe_load[width=32]((kp * NBV + i) * 32)
+        comptime for r in range(MR):
+            var pair = bitcast[DType.uint32, 1](a[r].unsafe_load[width=2](2 * kp))
+            var av = bitcast[BF16, 32](SIMD[DType.uint32, 16](pair))
+            comptime for i in range(NBV):
+                acc[r * NBV + i] = dpbf16(acc[r * NBV + i], av, bv[i])
+    if K % 2 == 1:    # last k alone: pair (a[K-1], 0) against the 0-padded packed pair
+        var bv = Array[SIMD[BF16, 32], NBV](fill=0)
+        comptime for i in range(NBV):
+            bv[i] = packed.unsafe_load[width=32]((n_full * NBV + i) * 32)
+        comptime for r in range(MR):
+            var pair = SIMD[BF16, 2](a[r].unsafe_load[width=1](K - 1)[0], 0)
+            var av = bitcast[BF16, 32](SIMD[DType.uint32, 16](bitcast[DType.uint32, 1](pair)))
+            comptime for i in range(NBV):
+                acc[r * NBV + i] = dpbf16(acc[r * NBV + i], av, bv[i])
+    return acc^
+
+
+def panel_pairs_size(K: Int, cols: Int) -> Int:
+    """Elements of a packed bf16 panel of `cols` columns (see pack_pairs)."""
+    return ceildiv(K, 2) * 2 * cols
+
+
 # ----------------------------------------------------------------------------- work split
-def run_dynamic[F: def(Int) -> None](func: F, n: Int):
-    """Run func(0 ..< n) on one worker per physical core, each pulling the next index
-    from a shared atomic counter (load balance across unequal tasks, and robust to a
-    core being taken by another process; `parallelize` splits statically)."""
+def num_workers(n: Int) -> Int:
+    """Workers run_dynamic uses for n tasks."""
+    return max(1, min(num_physical_cores(), n))
+
+
+def run_dynamic[F: def(Int, Int) -> None](func: F, n: Int):
+    """Run func(task, worker) for task in 0 ..< n on num_workers(n) workers, each pulling
+    the next task from a shared atomic counter (load balance across unequal tasks, and
+    robust to a core being taken by another process; `parallelize` splits statically)."""
     if n <= 0:
         return
-    var workers = min(num_physical_cores(), n)
-    if workers <= 1:
+    var workers = num_workers(n)
+    if workers == 1:
         for i in range(n):
-            func(i)
+            func(i, 0)
         return
     var counter = Atomic[Int64](0)
 
@@ -145,7 +241,7 @@ def run_dynamic[F: def(Int) -> None](func: F, n: Int):
             var i = Int(counter.fetch_add(1))
             if i >= n:
                 break
-            func(i)
+            func(i, w)
 
     parallelize(worker, workers, workers)
 
@@ -199,12 +295,18 @@ def _gu_outer_cols[
     x: Pointer[Scalar[dtype], MutAnyOrigin],
     w_e: Pointer[Scalar[dtype], MutAnyOrigin],
     perm: Pointer[Int32, MutAnyOrigin],
+    scratch: Pointer[Scalar[dtype], MutAnyOrigin],
     r0: Int, r1: Int, j: Int, top_k: Int, H: Int, I: Int,
 ):
-    """Columns: h[p, j ..< j+NV*VW] for sorted rows r0 ..< r1 (hub layout W[e] = [H, 2I])."""
+    """Columns: h[p, j ..< j+NV*VW] for sorted rows r0 ..< r1 (hub layout W[e] = [H, 2I]).
+    scratch: panel_pairs_size(H, 2*NV*VW) elements (used by the packed bf16 path)."""
     comptime MR = GU_MR
+    comptime PACKED = dtype == BF16 and USE_DPBF16 and VW == 16
     var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 2](fill=w_e.unsafe_offset(j))
     b[1] = w_e.unsafe_offset(I + j)
+    var pk = rebind[Pointer[Scalar[BF16], MutAnyOrigin]](scratch)
+    comptime if PACKED:
+        pack_pairs[2, NV](pk, rebind[Array[Pointer[Scalar[BF16], MutAnyOrigin], 2]](b), 2 * I, H)
     var r = r0
     while r < r1:
         var rows = min(MR, r1 - r)
@@ -214,10 +316,15 @@ def _gu_outer_cols[
             var p = r + min(i, rows - 1)
             a[i] = x.unsafe_offset((Int(perm[unsafe_offset=p]) // top_k) * H)
         var acc: Array[SIMD[F32, VW], MR * 2 * NV]
-        if r == r0:     # the first row tile streams the weight panel from memory
-            acc = outer_tile[dtype, MR, 2, NV, VW, True](a, b, 2 * I, H)
+        comptime if PACKED:
+            var accd = outer_tile_dp[MR, 2 * NV](
+                rebind[Array[Pointer[Scalar[BF16], MutAnyOrigin], MR]](a), pk, H)
+            acc = rebind[Array[SIMD[F32, VW], MR * 2 * NV]](accd).copy()
         else:
-            acc = outer_tile[dtype, MR, 2, NV, VW](a, b, 2 * I, H)
+            if r == r0:     # the first row tile streams the weight panel from memory
+                acc = outer_tile[dtype, MR, 2, NV, VW, True](a, b, 2 * I, H)
+            else:
+                acc = outer_tile[dtype, MR, 2, NV, VW](a, b, 2 * I, H)
         comptime for i in range(MR):
             if i < rows:
                 var dst = h.unsafe_offset((r + i) * I + j)
@@ -280,8 +387,12 @@ def gate_up_cpu[
     comptime if hub:
         comptime NBW = GU_NV * VEC
         var n_tiles = ceildiv(I, NBW)
+        var panel = panel_pairs_size(H, 2 * NBW)
+        var scratch = List[Scalar[dtype]](length=num_workers(n_chunks * n_tiles) * panel, fill=0)
+        var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
 
-        def task_outer(t: Int) {var h, var x, var w, var perm, var cp, var n_tiles, var top_k, var H, var I}:
+        def task_outer(t: Int, wk: Int) {var h, var x, var w, var perm, var cp, var n_tiles, var top_k, var H, var I, var sp, var panel}:
+            var scr = sp.unsafe_offset(wk * panel)
             var c = t // n_tiles
             var j = (t % n_tiles) * NBW
             var e = cp[unsafe_offset=3 * c]
@@ -289,22 +400,23 @@ def gate_up_cpu[
             var r1 = cp[unsafe_offset=3 * c + 2]
             var w_e = w.unsafe_offset(e * H * 2 * I)
             if j + NBW <= I:
-                _gu_outer_cols[dtype, GU_NV, VEC](h, x, w_e, perm, r0, r1, j, top_k, H, I)
+                _gu_outer_cols[dtype, GU_NV, VEC](h, x, w_e, perm, scr, r0, r1, j, top_k, H, I)
                 return
             while j + VEC <= I:
-                _gu_outer_cols[dtype, 1, VEC](h, x, w_e, perm, r0, r1, j, top_k, H, I)
+                _gu_outer_cols[dtype, 1, VEC](h, x, w_e, perm, scr, r0, r1, j, top_k, H, I)
                 j += VEC
             while j < I:
-                _gu_outer_cols[dtype, 1, 1](h, x, w_e, perm, r0, r1, j, top_k, H, I)
+                _gu_outer_cols[dtype, 1, 1](h, x, w_e, perm, scr, r0, r1, j, top_k, H, I)
                 j += 1
 
         run_dynamic(task_outer, n_chunks * n_tiles)
+        _ = scratch^
     else:
         comptime NC = DOT_NC // 2
         comptime NT = DOT_COLS_PER_TASK
         var n_tiles = ceildiv(I, NT)
 
-        def task_dot(t: Int) {var h, var x, var w, var perm, var cp, var n_tiles, var top_k, var H, var I}:
+        def task_dot(t: Int, wk: Int) {var h, var x, var w, var perm, var cp, var n_tiles, var top_k, var H, var I}:
             var c = t // n_tiles
             var j = (t % n_tiles) * NT
             var j_end = min(j + NT, I)
@@ -332,11 +444,17 @@ def _dn_outer_cols[
     w_e: Pointer[Scalar[dtype], MutAnyOrigin],
     perm: Pointer[Int32, MutAnyOrigin],
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    scratch: Pointer[Scalar[dtype], MutAnyOrigin],
     r0: Int, r1: Int, n: Int, H: Int, I: Int,
 ):
-    """Columns: ws[slot, n ..< n+NV*VW] = rw[slot] * (h[p] @ W[e])[n ...] (hub layout W[e] = [I, H])."""
+    """Columns: ws[slot, n ..< n+NV*VW] = rw[slot] * (h[p] @ W[e])[n ...] (hub layout W[e] = [I, H]).
+    scratch: panel_pairs_size(I, NV*VW) elements (used by the packed bf16 path)."""
     comptime MR = DN_MR
+    comptime PACKED = dtype == BF16 and USE_DPBF16 and VW == 16
     var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 1](fill=w_e.unsafe_offset(n))
+    var pk = rebind[Pointer[Scalar[BF16], MutAnyOrigin]](scratch)
+    comptime if PACKED:
+        pack_pairs[1, NV](pk, rebind[Array[Pointer[Scalar[BF16], MutAnyOrigin], 1]](b), H, I)
     var r = r0
     while r < r1:
         var rows = min(MR, r1 - r)
@@ -344,10 +462,15 @@ def _dn_outer_cols[
         comptime for i in range(MR):
             a[i] = hs.unsafe_offset((r + min(i, rows - 1)) * I)
         var acc: Array[SIMD[F32, VW], MR * NV]
-        if r == r0:
-            acc = outer_tile[dtype, MR, 1, NV, VW, True](a, b, H, I)
+        comptime if PACKED:
+            var accd = outer_tile_dp[MR, NV](
+                rebind[Array[Pointer[Scalar[BF16], MutAnyOrigin], MR]](a), pk, I)
+            acc = rebind[Array[SIMD[F32, VW], MR * NV]](accd).copy()
         else:
-            acc = outer_tile[dtype, MR, 1, NV, VW](a, b, H, I)
+            if r == r0:
+                acc = outer_tile[dtype, MR, 1, NV, VW, True](a, b, H, I)
+            else:
+                acc = outer_tile[dtype, MR, 1, NV, VW](a, b, H, I)
         comptime for i in range(MR):
             if i < rows:
                 var slot = Int(perm[unsafe_offset=r + i])
@@ -413,8 +536,12 @@ def down_cpu[
     comptime if hub:
         comptime NBW = DN_NV * VEC
         var n_tiles = ceildiv(H, NBW)
+        var panel = panel_pairs_size(I, NBW)
+        var scratch = List[Scalar[dtype]](length=num_workers(n_chunks * n_tiles) * panel, fill=0)
+        var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
 
-        def task_outer(t: Int) {var ws, var hs, var w, var perm, var rw, var cp, var n_tiles, var H, var I}:
+        def task_outer(t: Int, wk: Int) {var ws, var hs, var w, var perm, var rw, var cp, var n_tiles, var H, var I, var sp, var panel}:
+            var scr = sp.unsafe_offset(wk * panel)
             var c = t // n_tiles
             var n = (t % n_tiles) * NBW
             var e = cp[unsafe_offset=3 * c]
@@ -422,22 +549,23 @@ def down_cpu[
             var r1 = cp[unsafe_offset=3 * c + 2]
             var w_e = w.unsafe_offset(e * I * H)
             if n + NBW <= H:
-                _dn_outer_cols[dtype, DN_NV, VEC](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
+                _dn_outer_cols[dtype, DN_NV, VEC](ws, hs, w_e, perm, rw, scr, r0, r1, n, H, I)
                 return
             while n + VEC <= H:
-                _dn_outer_cols[dtype, 1, VEC](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
+                _dn_outer_cols[dtype, 1, VEC](ws, hs, w_e, perm, rw, scr, r0, r1, n, H, I)
                 n += VEC
             while n < H:
-                _dn_outer_cols[dtype, 1, 1](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
+                _dn_outer_cols[dtype, 1, 1](ws, hs, w_e, perm, rw, scr, r0, r1, n, H, I)
                 n += 1
 
         run_dynamic(task_outer, n_chunks * n_tiles)
+        _ = scratch^
     else:
         comptime NC = DOT_NC
         comptime NT = DOT_COLS_PER_TASK
         var n_tiles = ceildiv(H, NT)
 
-        def task_dot(t: Int) {var ws, var hs, var w, var perm, var rw, var cp, var n_tiles, var H, var I}:
+        def task_dot(t: Int, wk: Int) {var ws, var hs, var w, var perm, var rw, var cp, var n_tiles, var H, var I}:
             var c = t // n_tiles
             var n = (t % n_tiles) * NT
             var n_end = min(n + NT, H)
@@ -467,7 +595,7 @@ def combine_cpu[
         return
     comptime ROWS = 8
 
-    def task(i: Int) {var y, var ws, var T, var top_k, var H}:
+    def task(i: Int, wk: Int) {var y, var ws, var T, var top_k, var H}:
         for t in range(i * ROWS, min(i * ROWS + ROWS, T)):
             var n = 0
             while n + VEC <= H:

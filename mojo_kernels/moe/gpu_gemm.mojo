@@ -13,7 +13,7 @@
 #   the next K tile while the current one is multiplied from shared memory.
 # * float32 (or any dtype): shared-memory tiled FMA kernel, 8 x 8 outputs per thread.
 from max.gpu import thread_idx, block_idx, barrier
-from max.gpu.compute.mma import mma
+from max.gpu.compute.mma import ld_matrix, mma
 from max.gpu.host import DeviceContext
 from std.memory import stack_allocation, AddressSpace
 from std.math import exp, ceildiv
@@ -31,6 +31,11 @@ comptime TC_BK = 32
 comptime TC_ASTR = TC_BK + 8          # As[BM][TC_ASTR]   (row-major, k contiguous)
 comptime TC_BSTR_N = TC_BK + 8        # Bs[BCOLS][..]     (n-major, transformers layout)
 comptime TC_BSTR_K = BCOLS + 8        # Bs[TC_BK][..]     (k-major, hub layout)
+
+# Fragments from shared memory with ldmatrix.x4 (6 instructions per k16 step and warp,
+# instead of 24 (transformers layout) or 40 (hub layout, 16-bit) scalar shared loads).
+# bench/gpu/check_moe.mojo checks both variants; set False to fall back.
+comptime TC_LDMATRIX = True
 
 # FMA kernel
 comptime FMA_BK = 16
@@ -110,7 +115,7 @@ def _b_col(c: Int, n0: Int, N: Int, gated: Bool) -> Tuple[Int, Int]:
 
 # ============================================================================ tensor cores
 def moe_gemm_tc_kernel[
-    hub: Bool, gated: Bool
+    hub: Bool, gated: Bool, ldsm: Bool = TC_LDMATRIX
 ](
     out_ptr: Pointer[Scalar[BF16], MutAnyOrigin],
     a_ptr: Pointer[Scalar[BF16], MutAnyOrigin],
@@ -222,30 +227,52 @@ def moe_gemm_tc_kernel[
             load_tiles((kt + 1) * TC_BK)
         comptime for ks in range(0, TC_BK, 16):
             var af = Array[SIMD[BF16, 8], 2](fill=0)
-            comptime for mi in range(2):
-                var r = wm * 32 + mi * 16 + g
-                var k = ks + tig * 2
-                var v0 = As.unsafe_load[width=2, alignment=4](r * TC_ASTR + k)
-                var v1 = As.unsafe_load[width=2, alignment=4]((r + 8) * TC_ASTR + k)
-                var v2 = As.unsafe_load[width=2, alignment=4](r * TC_ASTR + k + 8)
-                var v3 = As.unsafe_load[width=2, alignment=4]((r + 8) * TC_ASTR + k + 8)
-                af[mi] = v0.join(v1).join(v2.join(v3))
+            var bfr = Array[SIMD[BF16, 4], 8](fill=0)
+            comptime if ldsm:
+                # x4: lane l addresses row (l % 8) of 8x8 matrix l // 8
+                var lm = lane // 8
+                var li = lane % 8
+                comptime for mi in range(2):
+                    # matrices: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
+                    var r = wm * 32 + mi * 16 + (lm % 2) * 8 + li
+                    af[mi] = ld_matrix[8](As.unsafe_offset(r * TC_ASTR + ks + (lm // 2) * 8))
+                comptime for np in range(4):
+                    # matrices: (n-tile 2np, k 0-7), (2np, k 8-15), (2np+1, k 0-7), (2np+1, k 8-15)
+                    var n = b_tile_col(2 * np) + (lm // 2) * 8
+                    var v: SIMD[BF16, 8]
+                    comptime if hub:   # Bs[k][n]: transpose while loading
+                        v = ld_matrix[8, transpose=True](
+                            Bs.unsafe_offset((ks + (lm % 2) * 8 + li) * TC_BSTR_K + n)
+                        )
+                    else:              # Bs[n][k]
+                        v = ld_matrix[8](Bs.unsafe_offset((n + li) * TC_BSTR_N + ks + (lm % 2) * 8))
+                    bfr[2 * np] = v.slice[4, offset=0]()
+                    bfr[2 * np + 1] = v.slice[4, offset=4]()
+            else:
+                comptime for mi in range(2):
+                    var r = wm * 32 + mi * 16 + g
+                    var k = ks + tig * 2
+                    var v0 = As.unsafe_load[width=2, alignment=4](r * TC_ASTR + k)
+                    var v1 = As.unsafe_load[width=2, alignment=4]((r + 8) * TC_ASTR + k)
+                    var v2 = As.unsafe_load[width=2, alignment=4](r * TC_ASTR + k + 8)
+                    var v3 = As.unsafe_load[width=2, alignment=4]((r + 8) * TC_ASTR + k + 8)
+                    af[mi] = v0.join(v1).join(v2.join(v3))
+                comptime for nt in range(8):
+                    var c = b_tile_col(nt) + g
+                    var k = ks + tig * 2
+                    comptime if hub:
+                        bfr[nt][0] = Bs[unsafe_offset=k * TC_BSTR_K + c]
+                        bfr[nt][1] = Bs[unsafe_offset=(k + 1) * TC_BSTR_K + c]
+                        bfr[nt][2] = Bs[unsafe_offset=(k + 8) * TC_BSTR_K + c]
+                        bfr[nt][3] = Bs[unsafe_offset=(k + 9) * TC_BSTR_K + c]
+                    else:
+                        var u0 = Bs.unsafe_load[width=2, alignment=4](c * TC_BSTR_N + k)
+                        var u1 = Bs.unsafe_load[width=2, alignment=4](c * TC_BSTR_N + k + 8)
+                        bfr[nt] = u0.join(u1)
             comptime for nt in range(8):
-                var c = b_tile_col(nt) + g
-                var k = ks + tig * 2
-                var bf = SIMD[BF16, 4](0)
-                comptime if hub:
-                    bf[0] = Bs[unsafe_offset=k * TC_BSTR_K + c]
-                    bf[1] = Bs[unsafe_offset=(k + 1) * TC_BSTR_K + c]
-                    bf[2] = Bs[unsafe_offset=(k + 8) * TC_BSTR_K + c]
-                    bf[3] = Bs[unsafe_offset=(k + 9) * TC_BSTR_K + c]
-                else:
-                    var u0 = Bs.unsafe_load[width=2, alignment=4](c * TC_BSTR_N + k)
-                    var u1 = Bs.unsafe_load[width=2, alignment=4](c * TC_BSTR_N + k + 8)
-                    bf = u0.join(u1)
                 comptime for mi in range(2):
                     var d = acc[mi * 8 + nt]
-                    mma(d, af[mi], bf, acc[mi * 8 + nt])
+                    mma(d, af[mi], bfr[nt], acc[mi * 8 + nt])
                     acc[mi * 8 + nt] = d
         barrier()
         if kt + 1 < n_k:
@@ -402,7 +429,7 @@ def moe_combine_kernel[
 
 # ============================================================================ launches
 def enqueue_gate_up_gpu[
-    dtype: DType, hub: Bool
+    dtype: DType, hub: Bool, ldsm: Bool = TC_LDMATRIX
 ](
     ctx: DeviceContext,
     h: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -420,7 +447,7 @@ def enqueue_gate_up_gpu[
     var fast_b = Int32(1 if (I % 8 == 0 if hub else H % 8 == 0) else 0)
     var grid = (gemm_grid_x(I, True), gemm_grid_y(S, E))
     comptime if dtype == BF16:
-        ctx.enqueue_function[moe_gemm_tc_kernel[hub, True]](
+        ctx.enqueue_function[moe_gemm_tc_kernel[hub, True, ldsm]](
             h, x, w, perm, offsets, x,
             Int32(top_k), Int32(E), Int32(H), Int32(I), fast_a, fast_b,
             grid_dim=grid, block_dim=GEMM_THREADS,
@@ -434,7 +461,7 @@ def enqueue_gate_up_gpu[
 
 
 def enqueue_down_gpu[
-    dtype: DType, hub: Bool
+    dtype: DType, hub: Bool, ldsm: Bool = TC_LDMATRIX
 ](
     ctx: DeviceContext,
     y: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -455,7 +482,7 @@ def enqueue_down_gpu[
         var fast_b = Int32(1 if (H % 8 == 0 if hub else I % 8 == 0) else 0)
         var grid = (gemm_grid_x(H, False), gemm_grid_y(S, E))
         comptime if dtype == BF16:
-            ctx.enqueue_function[moe_gemm_tc_kernel[hub, False]](
+            ctx.enqueue_function[moe_gemm_tc_kernel[hub, False, ldsm]](
                 ws, h, w, perm, offsets, rw,
                 Int32(top_k), Int32(E), Int32(I), Int32(H), fast_a, fast_b,
                 grid_dim=grid, block_dim=GEMM_THREADS,

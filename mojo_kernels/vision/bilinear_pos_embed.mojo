@@ -261,7 +261,7 @@ def bilinear_pos_embed_gpu[tdtype: DType](
     side: Int,
     ctx: DeviceContext,
 ) raises:
-    """Launch the GPU path (device pointers); rows past sum(t*h*w) are not checked."""
+    """Launch the GPU path (device pointers); rows past sum(t*h*w) are written as zeros."""
     if n_rows == 0:
         return
     ctx.enqueue_function[bilinear_pos_embed_gpu_kernel[tdtype]](
@@ -290,6 +290,13 @@ struct BilinearPosEmbed:
             raise Error("bilinear_pos_embed: output hidden != table hidden")
         if num_grid_per_side * num_grid_per_side > table.dim_size(0):
             raise Error("bilinear_pos_embed: num_grid_per_side**2 exceeds the table rows")
+        # the kernels index raw pointers: require dense row-major tensors
+        var ts = table.strides()
+        var gs = grid_thw.strides()
+        var os = output.strides()
+        if (hidden > 1 and (ts[1] != 1 or os[1] != 1)) or (table.dim_size(0) > 1 and ts[0] != hidden) or (
+            output.dim_size(0) > 1 and os[0] != hidden) or gs[1] != 1 or (G > 1 and gs[0] != 3):
+            raise Error("bilinear_pos_embed: table, grid_thw and the output must be contiguous")
         comptime tdtype = table.dtype
         var tp = rebind[Pointer[Scalar[tdtype], MutAnyOrigin]](table.unsafe_ptr())
         var gp = rebind[Pointer[Int64, MutAnyOrigin]](grid_thw.unsafe_ptr())

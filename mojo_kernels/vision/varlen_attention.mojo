@@ -440,6 +440,15 @@ struct VarlenAttention:
         for r in range(3):
             if k.dim_size(r) != q.dim_size(r) or v.dim_size(r) != q.dim_size(r) or output.dim_size(r) != q.dim_size(r):
                 raise Error("varlen_attention: q, k, v and the output must have the same shape")
+        # the kernels index raw pointers: require dense row-major [N, H, D]
+        var qs = q.strides()
+        var ks = k.strides()
+        var vs = v.strides()
+        var os = output.strides()
+        comptime for r in range(3):
+            var dense = 1 if r == 2 else (D if r == 1 else H * D)
+            if q.dim_size(r) > 1 and (qs[r] != dense or ks[r] != dense or vs[r] != dense or os[r] != dense):
+                raise Error("varlen_attention: q, k, v and the output must be contiguous")
         comptime dtype = output.dtype
         var qp = rebind[Pointer[Scalar[dtype], MutAnyOrigin]](q.unsafe_ptr())
         var kp = rebind[Pointer[Scalar[dtype], MutAnyOrigin]](k.unsafe_ptr())

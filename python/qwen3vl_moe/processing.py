@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import numpy.typing as npt
 from max.pipelines.architectures.qwen2_5vl.nn.qwen_vl_utils import smart_resize
@@ -96,8 +97,17 @@ class ImageProcessor:
 
 
 class Qwen3VLTokenizer(_builtin.Qwen3VLTokenizer):
-    """MAX's Qwen3-VL tokenizer with transformers-exact image preprocessing."""
+    """MAX's Qwen3-VL tokenizer with transformers-exact image preprocessing
+    and precise errors for media that cannot be used."""
 
     def __init__(self, model_path: str, pipeline_config: Any, **kwargs: Any) -> None:
         super().__init__(model_path, pipeline_config, **kwargs)
         self.img_processor = ImageProcessor.from_pretrained(model_path)
+
+    def _preprocess_one_clip(self, video_hash: int | None, raw_bytes: bytes) -> Any:
+        if not raw_bytes:
+            raise ValueError("video is empty (0 bytes)")
+        try:
+            return super()._preprocess_one_clip(video_hash, raw_bytes)
+        except av.error.FFmpegError as e:
+            raise ValueError(f"could not decode video ({len(raw_bytes)} bytes): {e}") from e
