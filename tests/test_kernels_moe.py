@@ -153,7 +153,7 @@ def make_logits(rng, T, E, mode):
         base[:, 0] = E + 1
     elif mode == "empty_expert":       # the last expert is never anyone's choice
         base[:, E - 1] = -4
-    return (base - E / 2) * 0.25
+    return ((base - E / 2) * 0.25).astype(np.float32)
 
 
 def make_case(seed, T, E, H, I, mode):

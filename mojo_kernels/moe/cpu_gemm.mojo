@@ -28,12 +28,13 @@ comptime VEC = simd_width_of[DType.float32]()     # 16 with AVX-512, 8 with AVX2
 # twice the FMA rate, float32 accumulation. Decided for the machine compiling the graph.
 comptime USE_DPBF16 = VEC == 16 and CompilationTarget._has_feature["avx512bf16"]()
 
-# Register blocking (AVX-512 has 32 vector registers: 24 accumulators here).
-comptime GU_MR = 6       # gate_up outer: 6 rows x (gate 2 vectors + up 2 vectors)
+# Register blocking: 24 accumulators with AVX-512 (32 vector registers), 12 with AVX2 (16).
+comptime _WIDE = VEC >= 16
+comptime GU_MR = 6 if _WIDE else 3   # gate_up outer: MR rows x (gate 2 vectors + up 2 vectors)
 comptime GU_NV = 2
-comptime DN_MR = 6       # down outer: 6 rows x 4 vectors
+comptime DN_MR = 6 if _WIDE else 3   # down outer: MR rows x 4 vectors
 comptime DN_NV = 4
-comptime DOT_MR = 4      # dot kernels: 4 rows x 6 weight rows (3 gate + 3 up for gate_up)
+comptime DOT_MR = 4 if _WIDE else 2  # dot kernels: MR rows x 6 weight rows (3 gate + 3 up for gate_up)
 comptime DOT_NC = 6
 comptime DOT_COLS_PER_TASK = 48   # output columns per parallel task in the dot kernels
 comptime ROWS_PER_CHUNK = 96      # sorted rows per parallel task (multiple of 6 and 4)

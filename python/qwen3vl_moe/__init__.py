@@ -12,8 +12,14 @@ import os
 from typing import Any
 
 # No outbound connections at run time unless the user opts back in.
-os.environ.setdefault("MODULAR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+TELEMETRY_OFF = {
+    "MAX_SERVE_DISABLE_TELEMETRY": "1",  # MAX serve's remote metrics and logs
+    "OTEL_SDK_DISABLED": "true",
+    "MODULAR_TELEMETRY_ENABLED": "0",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+for _key, _value in TELEMETRY_OFF.items():
+    os.environ.setdefault(_key, _value)
 
 _EXPORTS = {
     "ARCHITECTURES": ".arch",

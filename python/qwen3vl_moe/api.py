@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-os.environ.setdefault("MODULAR_TELEMETRY_ENABLED", "0")
+from . import TELEMETRY_OFF  # noqa: F401  (sets the no-telemetry defaults first)
 
 from max.pipelines.context import SamplingParams  # noqa: E402
 from max.pipelines.lib import PIPELINE_REGISTRY, PipelineArgs, PipelineConfig  # noqa: E402

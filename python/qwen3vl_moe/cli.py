@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from . import TELEMETRY_OFF  # noqa: F401  (sets the no-telemetry defaults before MAX loads)
 
 DEFAULT_PRESET = "moe"
 
@@ -25,7 +26,6 @@ def _default_model_path() -> str:
 def _serve(rest: list[str]) -> int:
     from max._entrypoints.pipelines import main as max_main
 
-    os.environ.setdefault("MODULAR_TELEMETRY_ENABLED", "0")
     args = list(rest)
     if "--model-path" not in args and not any(a.startswith("--model-path=") for a in args):
         args += ["--model-path", _default_model_path()]

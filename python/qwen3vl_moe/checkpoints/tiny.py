@@ -487,6 +487,37 @@ def _dense_config(ids: Mapping[str, int]) -> dict[str, Any]:
     return config
 
 
+def _medium_config(ids: Mapping[str, int]) -> dict[str, Any]:
+    # Benchmark size (about 0.4B parameters): every text layer MoE, 32 experts
+    # top-4 of I=384 at H=1024 (neither H == 2I nor H == I); intermediate_size
+    # is in the config as in the releases but unused (no dense layer).
+    text = _text_config(ids, "qwen3_vl_moe_text", num_layers=8)
+    text.update(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        moe_intermediate_size=384,
+        norm_topk_prob=True,
+        num_experts=32,
+        num_experts_per_tok=4,
+    )
+    vision = _vision_config("qwen3_vl_moe")
+    vision.update(
+        deepstack_visual_indexes=[1, 3, 5],
+        depth=8,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_heads=8,
+        out_hidden_size=1024,
+    )
+    config = _top_config(ids, "Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe", tied=False)
+    config.update(text_config=text, vision_config=vision)
+    return config
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named tiny model: what it is for, and its ``config.json`` given the token ids."""
@@ -509,6 +540,11 @@ PRESETS: dict[str, Preset] = {
         "Qwen3VLMoeForConditionalGeneration, 4 text layers, decoder_sparse_step 2 "
         "(layers 1 and 3 MoE, 0 and 2 dense), untied lm_head",
         functools.partial(_moe_config, decoder_sparse_step=2, mlp_only_layers=[]),
+    ),
+    "medium": Preset(
+        "Qwen3VLMoeForConditionalGeneration for benchmarks (~0.4B): 8 MoE text layers, H=1024, "
+        "32 experts top-4 (I=384), 16/4 heads; vision depth 8, hidden 512, deepstack [1, 3, 5]",
+        _medium_config,
     ),
 }
 
