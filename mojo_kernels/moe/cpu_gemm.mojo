@@ -336,36 +336,58 @@ def _gu_outer_cols[
 
 
 @always_inline
-def _gu_dot_cols[
+def _gu_dot_tile[
     dtype: DType, NC: Int
+](
+    h: Pointer[Scalar[dtype], MutAnyOrigin],
+    w_e: Pointer[Scalar[dtype], MutAnyOrigin],
+    a: Array[Pointer[Scalar[dtype], MutAnyOrigin], DOT_MR],
+    r: Int, rows: Int, j: Int, H: Int, I: Int,
+):
+    """Tile: h[r ..< r+rows, j ..< j+NC] (transformers layout W[e] = [2I, H])."""
+    var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 2 * NC](fill=w_e)
+    comptime for c in range(NC):
+        b[c] = w_e.unsafe_offset((j + c) * H)
+        b[NC + c] = w_e.unsafe_offset((I + j + c) * H)
+    var acc = dot_tile[dtype, DOT_MR, 2 * NC](a, b, H)
+    comptime for i in range(DOT_MR):
+        if i < rows:
+            comptime for c in range(NC):
+                var hv = swiglu[dtype](
+                    SIMD[F32, 1](acc[i * 2 * NC + c]), SIMD[F32, 1](acc[i * 2 * NC + NC + c])
+                )
+                h[unsafe_offset=(r + i) * I + j + c] = hv.cast[dtype]()
+
+
+@always_inline
+def _gu_dot_block[
+    dtype: DType
 ](
     h: Pointer[Scalar[dtype], MutAnyOrigin],
     x: Pointer[Scalar[dtype], MutAnyOrigin],
     w_e: Pointer[Scalar[dtype], MutAnyOrigin],
     perm: Pointer[Int32, MutAnyOrigin],
-    r0: Int, r1: Int, j: Int, top_k: Int, H: Int, I: Int,
+    r0: Int, r1: Int, j0: Int, j1: Int, top_k: Int, H: Int, I: Int,
 ):
-    """Columns: h[p, j ..< j+NC] for sorted rows r0 ..< r1 (transformers layout W[e] = [2I, H])."""
+    """Block: h[p, j0 ..< j1] for sorted rows r0 ..< r1. Row tiles outside, column
+    tiles inside: the tile's activation rows stay in L1 while weight rows stream from L2."""
     comptime MR = DOT_MR
-    var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 2 * NC](fill=w_e)
-    comptime for c in range(NC):
-        b[c] = w_e.unsafe_offset((j + c) * H)
-        b[NC + c] = w_e.unsafe_offset((I + j + c) * H)
+    comptime NC = DOT_NC // 2
     var r = r0
     while r < r1:
         var rows = min(MR, r1 - r)
         var a = Array[Pointer[Scalar[dtype], MutAnyOrigin], MR](fill=x)
         comptime for i in range(MR):
+            # rows past the end repeat the last real row (computed, not stored)
             var p = r + min(i, rows - 1)
             a[i] = x.unsafe_offset((Int(perm[unsafe_offset=p]) // top_k) * H)
-        var acc = dot_tile[dtype, MR, 2 * NC](a, b, H)
-        comptime for i in range(MR):
-            if i < rows:
-                comptime for c in range(NC):
-                    var hv = swiglu[dtype](
-                        SIMD[F32, 1](acc[i * 2 * NC + c]), SIMD[F32, 1](acc[i * 2 * NC + NC + c])
-                    )
-                    h[unsafe_offset=(r + i) * I + j + c] = hv.cast[dtype]()
+        var j = j0
+        while j + NC <= j1:
+            _gu_dot_tile[dtype, NC](h, w_e, a, r, rows, j, H, I)
+            j += NC
+        while j < j1:
+            _gu_dot_tile[dtype, 1](h, w_e, a, r, rows, j, H, I)
+            j += 1
         r += MR
 
 
@@ -425,12 +447,7 @@ def gate_up_cpu[
             var r0 = cp[unsafe_offset=3 * c + 1]
             var r1 = cp[unsafe_offset=3 * c + 2]
             var w_e = w.unsafe_offset(e * 2 * I * H)
-            while j + NC <= j_end:
-                _gu_dot_cols[dtype, NC](h, x, w_e, perm, r0, r1, j, top_k, H, I)
-                j += NC
-            while j < j_end:
-                _gu_dot_cols[dtype, 1](h, x, w_e, perm, r0, r1, j, top_k, H, I)
-                j += 1
+            _gu_dot_block[dtype](h, x, w_e, perm, r0, r1, j, j_end, top_k, H, I)
 
         run_dynamic(task_dot, n_chunks * n_tiles)
 
@@ -485,35 +502,60 @@ def _dn_outer_cols[
 
 
 @always_inline
-def _dn_dot_cols[
+def _dn_dot_tile[
     dtype: DType, NC: Int
+](
+    ws: Pointer[Scalar[dtype], MutAnyOrigin],
+    w_e: Pointer[Scalar[dtype], MutAnyOrigin],
+    a: Array[Pointer[Scalar[dtype], MutAnyOrigin], DOT_MR],
+    slots: Array[Int, DOT_MR],
+    wts: Array[Float32, DOT_MR],
+    rows: Int, n: Int, H: Int, I: Int,
+):
+    """Tile: ws[slot(r+i), n ..< n+NC] for i < rows (transformers layout W[e] = [H, I])."""
+    var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], NC](fill=w_e)
+    comptime for c in range(NC):
+        b[c] = w_e.unsafe_offset((n + c) * I)
+    var acc = dot_tile[dtype, DOT_MR, NC](a, b, I)
+    comptime for i in range(DOT_MR):
+        if i < rows:
+            comptime for c in range(NC):
+                var o = round_to[dtype](SIMD[F32, 1](acc[i * NC + c])) * wts[i]
+                ws[unsafe_offset=slots[i] * H + n + c] = o.cast[dtype]()
+
+
+@always_inline
+def _dn_dot_block[
+    dtype: DType
 ](
     ws: Pointer[Scalar[dtype], MutAnyOrigin],
     hs: Pointer[Scalar[dtype], MutAnyOrigin],
     w_e: Pointer[Scalar[dtype], MutAnyOrigin],
     perm: Pointer[Int32, MutAnyOrigin],
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
-    r0: Int, r1: Int, n: Int, H: Int, I: Int,
+    r0: Int, r1: Int, n0: Int, n1: Int, H: Int, I: Int,
 ):
-    """Columns: ws[slot, n ..< n+NC] (transformers layout W[e] = [H, I])."""
+    """Block: ws[slot(p), n0 ..< n1] = rw[slot] * (W[e] @ h[p]) for sorted rows r0 ..< r1."""
     comptime MR = DOT_MR
-    var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], NC](fill=w_e)
-    comptime for c in range(NC):
-        b[c] = w_e.unsafe_offset((n + c) * I)
+    comptime NC = DOT_NC
     var r = r0
     while r < r1:
         var rows = min(MR, r1 - r)
         var a = Array[Pointer[Scalar[dtype], MutAnyOrigin], MR](fill=hs)
+        var slots = Array[Int, MR](fill=0)
+        var wts = Array[Float32, MR](fill=0)
         comptime for i in range(MR):
             a[i] = hs.unsafe_offset((r + min(i, rows - 1)) * I)
-        var acc = dot_tile[dtype, MR, NC](a, b, I)
-        comptime for i in range(MR):
             if i < rows:
-                var slot = Int(perm[unsafe_offset=r + i])
-                var wt = rw[unsafe_offset=slot].cast[F32]()
-                comptime for c in range(NC):
-                    var o = round_to[dtype](SIMD[F32, 1](acc[i * NC + c])) * wt
-                    ws[unsafe_offset=slot * H + n + c] = o.cast[dtype]()
+                slots[i] = Int(perm[unsafe_offset=r + i])
+                wts[i] = rw[unsafe_offset=slots[i]].cast[F32]()
+        var n = n0
+        while n + NC <= n1:
+            _dn_dot_tile[dtype, NC](ws, w_e, a, slots, wts, rows, n, H, I)
+            n += NC
+        while n < n1:
+            _dn_dot_tile[dtype, 1](ws, w_e, a, slots, wts, rows, n, H, I)
+            n += 1
         r += MR
 
 
@@ -574,12 +616,7 @@ def down_cpu[
             var r0 = cp[unsafe_offset=3 * c + 1]
             var r1 = cp[unsafe_offset=3 * c + 2]
             var w_e = w.unsafe_offset(e * H * I)
-            while n + NC <= n_end:
-                _dn_dot_cols[dtype, NC](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
-                n += NC
-            while n < n_end:
-                _dn_dot_cols[dtype, 1](ws, hs, w_e, perm, rw, r0, r1, n, H, I)
-                n += 1
+            _dn_dot_block[dtype](ws, hs, w_e, perm, rw, r0, r1, n, n_end, H, I)
 
         run_dynamic(task_dot, n_chunks * n_tiles)
 

@@ -1,9 +1,9 @@
 """``qwen3vl-moe``: serve, generate, and make the tiny default checkpoint.
 
 ``serve`` is MAX's own OpenAI-compatible server with this package registered
-as the Qwen3-VL architecture; unknown flags pass straight through to
-``max serve``. Without ``--model-path`` it serves the tiny seeded checkpoint,
-generated locally on first use (nothing is downloaded).
+as the Qwen3-VL architecture (see ``serving.py``); other flags pass straight
+through to ``max serve``. Without ``--model-path`` it serves the tiny seeded
+checkpoint, generated locally on first use (nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -12,29 +12,7 @@ import argparse
 import json
 import sys
 
-from . import TELEMETRY_OFF  # noqa: F401  (sets the no-telemetry defaults before MAX loads)
-
-DEFAULT_PRESET = "moe"
-
-
-def _default_model_path() -> str:
-    from .checkpoints.tiny import tiny_checkpoint
-
-    return str(tiny_checkpoint(DEFAULT_PRESET))
-
-
-def _serve(rest: list[str]) -> int:
-    from max._entrypoints.pipelines import main as max_main
-
-    args = list(rest)
-    if "--model-path" not in args and not any(a.startswith("--model-path=") for a in args):
-        args += ["--model-path", _default_model_path()]
-    if not any(a == "--devices" or a.startswith("--devices=") for a in args):
-        args += ["--devices", "cpu"]
-    if not any(a == "--host" or a.startswith("--host=") for a in args):
-        args += ["--host", "127.0.0.1"]
-    sys.argv = ["max", "serve", "--custom-architectures", "qwen3vl_moe", *args]
-    return int(max_main() or 0)
+from .serving import default_model_path, serve
 
 
 def _generate(argv: list[str]) -> int:
@@ -48,7 +26,7 @@ def _generate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from .api import Qwen3VL
 
-    llm = Qwen3VL(args.model_path or _default_model_path(), devices=args.devices)
+    llm = Qwen3VL(args.model_path or default_model_path(), devices=args.devices)
     [out] = llm.generate(
         [[{"role": "user", "content": args.prompt}]],
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
@@ -69,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command, rest = argv[0], argv[1:]
     if command == "serve":
-        return _serve(rest)
+        return serve(rest)
     if command == "generate":
         return _generate(rest)
     from .checkpoints.tiny import main as tiny_main

@@ -1,0 +1,209 @@
+"""The OpenAI-compatible server, driven by the real openai client on 127.0.0.1.
+
+One server process per module (the graphs compile once; minutes when cold).
+Greedy outputs must equal the Python API's for the same inputs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from PIL import Image
+
+from test_vision_model import image, make_video
+
+MAX_LENGTH = 2048
+NEW_TOKENS = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qwen3vl_moe.cli", "serve", "--port", str(port),
+             "--max-length", str(MAX_LENGTH), "--max-batch-size", "16"],
+            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 1500
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("server did not become healthy in time")
+            time.sleep(2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert "telemetry.modular.com" not in log.read_text(), "the server tried to reach the telemetry endpoint"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def model_name(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def engine(server):
+    """The Python API on the same checkpoint and settings (a compile-cache hit after the server)."""
+    from qwen3vl_moe.api import Qwen3VL
+    from qwen3vl_moe.serving import default_model_path
+
+    return Qwen3VL(default_model_path(), devices="cpu", max_length=MAX_LENGTH, max_batch_size=16)
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+IMG_A, IMG_B = image(64, 96, 0), image(300, 170, 1)
+VIDEO = make_video(30, 10, 96, 128)
+
+
+def openai_messages(kind: str) -> list[dict]:
+    text = {"type": "text", "text": "Describe what you see."}
+    if kind == "text":
+        return [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
+    if kind == "one_image":
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes(IMG_A))}}, text]}]
+    if kind == "two_images":
+        return [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png_bytes(IMG_A))}},
+            {"type": "image_url", "image_url": {"url": data_url(png_bytes(IMG_B))}}, text]}]
+    if kind == "video":
+        return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url(VIDEO, "video/x-matroska")}}, text]}]
+    raise ValueError(kind)
+
+
+def api_messages(kind: str) -> list[dict]:
+    text = {"type": "text", "text": "Describe what you see."}
+    if kind == "text":
+        return openai_messages("text")
+    media = {
+        "one_image": [{"type": "image", "image": png_bytes(IMG_A)}],
+        "two_images": [{"type": "image", "image": png_bytes(IMG_A)}, {"type": "image", "image": png_bytes(IMG_B)}],
+        "video": [{"type": "video", "video": VIDEO}],
+    }[kind]
+    return [{"role": "user", "content": [*media, text]}]
+
+
+def chat(client, model_name, kind: str, **kw) -> str:
+    response = client.chat.completions.create(
+        model=model_name, messages=openai_messages(kind), max_tokens=NEW_TOKENS, temperature=0, **kw
+    )
+    return response.choices[0].message.content
+
+
+KINDS = ["text", "one_image", "two_images", "video"]
+
+
+def test_models_and_health(server, model_name):
+    assert model_name == "qwen3vl-moe-tiny"
+    assert requests.get(server + "/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_equals_python_api(client, model_name, engine, kind):
+    served = chat(client, model_name, kind)
+    [direct] = engine.generate([api_messages(kind)], max_new_tokens=NEW_TOKENS)
+    assert served == direct.text
+    assert served  # something was generated
+
+
+@pytest.mark.parametrize("kind", ["text", "one_image"])
+def test_stream_equals_non_stream(client, model_name, kind):
+    whole = chat(client, model_name, kind)
+    stream = client.chat.completions.create(
+        model=model_name, messages=openai_messages(kind), max_tokens=NEW_TOKENS, temperature=0, stream=True
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(pieces) > 1
+    assert "".join(pieces) == whole
+
+
+def test_concurrent_mixed_requests_equal_sequential(client, model_name):
+    kinds = (["text", "one_image", "two_images", "text"] * 4)[:16]
+    sequential = {k: chat(client, model_name, k) for k in set(kinds)}
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda k: chat(client, model_name, k), kinds))
+    assert results == [sequential[k] for k in kinds]
+
+
+BAD_REQUESTS = {
+    "invalid_base64": ({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}, "(?i)base64|unreadable image"),
+    "non_image_bytes": ({"type": "image_url", "image_url": {"url": data_url(b"hello, I am not an image")}}, "image"),
+    "zero_byte_image": ({"type": "image_url", "image_url": {"url": data_url(b"")}}, "(?i)base64|empty|image"),
+    "8000x8000_image": ({"type": "image_url", "image_url": {"url": data_url(png_bytes(Image.new("RGB", (8000, 8000), (9, 99, 199))))}}, "(?i)media size|too long|pixels"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_media_is_a_4xx_and_the_server_keeps_serving(server, model_name, name):
+    part, message = BAD_REQUESTS[name]
+    response = requests.post(server + "/v1/chat/completions", timeout=600, json={
+        "model": model_name, "max_tokens": 4,
+        "messages": [{"role": "user", "content": [part, {"type": "text", "text": "hi"}]}],
+    })
+    assert 400 <= response.status_code < 500, response.text
+    import re
+
+    assert re.search(message, response.json()["error"]["message"]), response.text
+    ok = requests.post(server + "/v1/chat/completions", timeout=600, json={
+        "model": model_name, "max_tokens": 2, "messages": [{"role": "user", "content": "still there?"}]})
+    assert ok.status_code == 200
+
+
+def test_too_many_images_and_too_long_prompts_are_4xx(server, model_name):
+    many = [{"type": "image_url", "image_url": {"url": data_url(png_bytes(IMG_A))}}] * 40
+    for content, pattern in [(many, "too long"), ("word " * 5000, "too long")]:
+        response = requests.post(server + "/v1/chat/completions", timeout=600, json={
+            "model": model_name, "max_tokens": 4, "messages": [{"role": "user", "content": content}]})
+        assert response.status_code == 400, response.text
+        assert pattern in response.json()["error"]["message"]
+
+
+def test_unknown_model_is_a_404_naming_the_served_model(server, model_name):
+    response = requests.post(server + "/v1/chat/completions", timeout=60, json={
+        "model": "gpt-17", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 404, response.text
+    assert "gpt-17" in response.text and model_name in response.text
