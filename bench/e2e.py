@@ -34,7 +34,8 @@ Measured:
   copy, GB/s = 2 * bytes / s); at batch B the experts are counted as the
   expected number of distinct experts that B tokens hit under uniform routing;
 - our graph compile time, cold (a subprocess with a fresh empty
-  ``MODULAR_CACHE_DIR``) and cached (the ``ours`` worker, same directory).
+  ``MODULAR_CACHE_DIR`` and ``TMPDIR``, where MAX puts precompiled Mojo
+  packages) and cached (the ``ours`` worker, same directories).
 
 Prompts are random ordinary (non-special) token ids, identical for both sides.
 Writes ``bench/results/e2e-<device>-<date>.json`` and prints the table as
@@ -573,8 +574,9 @@ def main(argv: list[str] | None = None) -> None:
     hf_impls = [c.split(":", 1)[1] for c in args.only if c.startswith("hf:")]
     compile_info: dict[str, Any] = {}
     if want_ours and not args.no_cold_compile:
-        cache_dir.mkdir()
+        (cache_dir / "tmp").mkdir(parents=True)
         env["MODULAR_CACHE_DIR"] = str(cache_dir)
+        env["TMPDIR"] = str(cache_dir / "tmp")  # where MAX writes the precompiled Mojo packages
         print("cold compile (empty MODULAR_CACHE_DIR) ...", flush=True)
         cold = Worker("compile-cold", "compile", spec, env, log_dir)
         cold.proc.wait()

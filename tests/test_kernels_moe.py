@@ -18,7 +18,6 @@ depends on rounding or tie-breaking.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time

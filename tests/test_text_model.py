@@ -12,7 +12,7 @@ import torch
 
 from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
 
-PRESETS = ["moe", "dense"]
+PRESETS = ["moe", "dense", "moe-sparse2"]
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],

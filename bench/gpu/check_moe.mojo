@@ -14,7 +14,7 @@
 # against the 790 TFLOP/s dense bf16 ceiling (H100/H200).
 #
 # Build: bench/gpu/build.sh   Run (GPU machine): bench/gpu/run.sh
-from max.gpu.host import DeviceContext
+from max.gpu.host import DeviceBuffer, DeviceContext
 from max.gpu import thread_idx, block_idx
 from std.math import exp, ceildiv
 
@@ -58,9 +58,10 @@ def fill[dtype: DType](
     )
 
 
-def to_host[dtype: DType](ctx: DeviceContext, src: Pointer[Scalar[dtype], MutAnyOrigin], n: Int) raises -> List[Scalar[dtype]]:
-    var out = List[Scalar[dtype]](length=n, fill=0)
-    ctx.enqueue_copy(out.unsafe_ptr().as_unsafe_any_origin(), src, n)
+def to_host[dtype: DType](ctx: DeviceContext, src: DeviceBuffer[dtype]) raises -> List[Scalar[dtype]]:
+    """Device -> host copy of a whole buffer (DtoH into ordinary host memory)."""
+    var out = List[Scalar[dtype]](length=len(src), fill=0)
+    ctx.enqueue_copy(out.unsafe_ptr().as_unsafe_any_origin(), src)
     ctx.synchronize()
     return out^
 
@@ -128,13 +129,13 @@ def run_config[dtype: DType, hub: Bool, ldsm: Bool = True](ctx: DeviceContext, n
     ctx.synchronize()
 
     # ---------------------------------------------------------------- routing checks
-    var hx = to_host[dtype](ctx, x, T * H)
-    var hl = to_host[dtype](ctx, lg, T * E)
-    var hrw = to_host[dtype](ctx, rw, S)
-    var hids = to_host[DType.int32](ctx, ids, S)
-    var hperm = to_host[DType.int32](ctx, perm, S)
-    var hoff = to_host[DType.int32](ctx, off, E + 1)
-    var hy = to_host[dtype](ctx, y, T * H)
+    var hx = to_host[dtype](ctx, x_b)
+    var hl = to_host[dtype](ctx, l_b)
+    var hrw = to_host[dtype](ctx, rw_b)
+    var hids = to_host[DType.int32](ctx, ids_b)
+    var hperm = to_host[DType.int32](ctx, perm_b)
+    var hoff = to_host[DType.int32](ctx, off_b)
+    var hy = to_host[dtype](ctx, y_b)
     var route_bad = 0
     if Int(hoff[0]) != 0 or Int(hoff[E]) != S:
         print("  offsets do not span [0, S):", hoff[0], hoff[E])
@@ -142,6 +143,9 @@ def run_config[dtype: DType, hub: Bool, ldsm: Bool = True](ctx: DeviceContext, n
     var seen = List[Bool](length=S, fill=False)
     for e in range(E):
         var prev = -1
+        if hoff[e] < 0 or hoff[e] > hoff[e + 1] or Int(hoff[e + 1]) > S:
+            route_bad += 1
+            continue
         for p in range(Int(hoff[e]), Int(hoff[e + 1])):
             var s = Int(hperm[p])
             if s < 0 or s >= S or seen[s] or Int(hids[s]) != e or s <= prev:
@@ -167,8 +171,8 @@ def run_config[dtype: DType, hub: Bool, ldsm: Bool = True](ctx: DeviceContext, n
           "tokens:", id_mismatch, "| max |w_gpu - w_cpu|", max_w_err)
 
     # ---------------------------------------------------------------- y reference (float64)
-    var hgu = to_host[dtype](ctx, gu, E * H * 2 * I)
-    var hdn = to_host[dtype](ctx, dn, E * I * H)
+    var hgu = to_host[dtype](ctx, gu_b)
+    var hdn = to_host[dtype](ctx, dn_b)
     var max_err = Float64(0)
     var max_ref = Float64(0)
     var g = List[Float64](length=2 * I, fill=0)
@@ -180,6 +184,8 @@ def run_config[dtype: DType, hub: Bool, ldsm: Bool = True](ctx: DeviceContext, n
             yr[n] = 0
         for k in range(TOPK):
             var e = Int(hids[t * TOPK + k])
+            if e < 0 or e >= E:
+                continue    # already counted by the routing checks
             var wk = Float64(hrw[t * TOPK + k])
             for c in range(2 * I):
                 g[c] = 0
