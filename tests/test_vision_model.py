@@ -86,21 +86,44 @@ def assert_close(got: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-4)
     assert err <= tol, f"{what}: max abs diff {err:.3g} > {tol:.3g}"
 
 
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    """This package's request tokenizer alone (no graph compile)."""
+    from max.pipelines.lib import PIPELINE_REGISTRY, PipelineArgs, PipelineConfig
+
+    config = PipelineConfig.from_args(PipelineArgs.from_flat_kwargs(
+        model_path=str(checkpoint), device_specs="cpu", custom_architectures=["qwen3vl_moe"], max_length=65536,
+    ))
+    return PIPELINE_REGISTRY.retrieve_tokenizer(config)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
-    h=st.integers(1, 700), w=st.integers(1, 700),
-    mode=st.sampled_from(["RGB", "L", "RGBA", "P", "CMYK"]), seed=st.integers(0, 2**16),
+    sizes=st.lists(st.tuples(st.integers(1, 700), st.integers(1, 700)), min_size=1, max_size=3),
+    mode=st.sampled_from(["RGB", "L", "RGBA", "P", "CMYK", "LA"]), seed=st.integers(0, 2**16),
 )
-def test_image_pixels_identical_to_transformers(hf_processor, checkpoint, h, w, mode, seed):
-    from qwen3vl_moe.processing import ImageProcessor
+def test_processor_parity_with_transformers(tokenizer, hf_processor, sizes, mode, seed):
+    """input_ids, image_grid_thw and pixel_values identical through the full request path."""
+    import asyncio
 
-    if max(h, w) / min(h, w) > 200:
-        return  # transformers rejects extreme aspect ratios; so do we (same smart_resize)
-    im = image(max(h, 4), max(w, 4), seed, mode) if mode != "P" else image(max(h, 4), max(w, 4), seed).convert("P")
-    ref = hf_processor.image_processor(images=[im], return_tensors="np")
-    pixels, grid, _ = ImageProcessor.from_pretrained(checkpoint)([im])
-    assert grid.tolist() == ref["image_grid_thw"].tolist()
-    assert np.array_equal(pixels, ref["pixel_values"])
+    from qwen3vl_moe.api import _split_media
+    from max.pipelines.context import SamplingParams
+    from max.pipelines.modeling.types import RequestID, TextGenerationRequest
+
+    sizes = [(h, w) for h, w in sizes if max(h, w) / min(h, w) <= 200]  # transformers rejects the rest
+    if not sizes:
+        return
+    images = [image(h, w, seed + i).convert(mode) for i, (h, w) in enumerate(sizes)]
+    conv = conversation(images, "What differs?")
+    chat, raw_images, _ = _split_media(conv)
+    ctx = asyncio.run(tokenizer.new_context(TextGenerationRequest(
+        request_id=RequestID(), model_name="m", messages=chat, images=raw_images,
+        sampling_params=SamplingParams(max_new_tokens=1),
+    )))
+    ref = hf_inputs(hf_processor, conv)
+    assert list(ctx.tokens.all[: len(ctx.tokens)]) == ref["input_ids"][0].tolist()
+    assert ctx.vision_data.image_grid_thw.tolist() == ref["image_grid_thw"].tolist()
+    assert np.array_equal(ctx.vision_data.concatenated_pixel_values, ref["pixel_values"].numpy())
 
 
 @pytest.mark.parametrize("conv", [ONE_IMAGE, TWO_IMAGES], ids=["one_image", "two_images"])

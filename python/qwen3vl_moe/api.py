@@ -49,6 +49,9 @@ class Generation:
     """Per generated token, the [vocab] logits it was sampled from (``output_logits=True``)."""
 
 
+_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+
+
 def _media_bytes(value: Any, kind: str) -> bytes:
     """Encoded bytes of an image/video given as bytes, a path, or (images) a PIL image."""
     if isinstance(value, bytes | bytearray):
@@ -57,7 +60,8 @@ def _media_bytes(value: Any, kind: str) -> bytes:
         return Path(value).read_bytes()
     if kind == "image" and isinstance(value, Image.Image):
         buffer = io.BytesIO()
-        value.save(buffer, format="PNG")  # lossless: the pixels reach the model unchanged
+        # Lossless, keeping the mode: the pixels reach the model unchanged.
+        value.save(buffer, format="PNG" if value.mode in _PNG_MODES else "TIFF")
         return buffer.getvalue()
     raise TypeError(f"unsupported {kind} value of type {type(value).__name__}")
 
