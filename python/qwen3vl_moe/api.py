@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

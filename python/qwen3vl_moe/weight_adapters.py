@@ -70,8 +70,7 @@ def _text_shapes(tc: Any, tied: bool) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_norm.weight": (hd,),
         }
         if is_moe_layer(tc, i):
-            E, I = tc.num_experts, tc.moe_intermediate_size
-            shapes[p + "mlp.gate.weight"] = (E, H)
+            shapes[p + "mlp.gate.weight"] = (tc.num_experts, H)
             # Expert shapes are checked against both layouts separately.
         else:
             Id = tc.intermediate_size

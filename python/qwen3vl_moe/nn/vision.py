@@ -9,14 +9,11 @@ through the varlen attention op, so nothing is materialised across images.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from max.dtype import DType
-from max.graph import DeviceRef, Graph, TensorType, TensorValue, Type, Value, Weight, ops
-from max.graph import Module as GraphModule
+from max.graph import DeviceRef, TensorType, TensorValue, Weight, ops
 from max.nn import Linear
 from max.nn.layer import LayerList, Module
 from max.nn.norm import LayerNorm
@@ -164,33 +161,14 @@ class Qwen3VLVisionEncoder(Module):
         ])
 
     def input_tree(self) -> OrderedDict[str, TensorType]:
-        """pixel_values, grid_thw [G, 3], vision_position_ids [N, 2], cu_seqlens [S+1]."""
+        """The graph inputs, in ``__call__``'s order (traced positionally):
+        pixel_values, grid_thw [G, 3], vision_position_ids [N, 2], cu_seqlens [S+1]."""
         d = self.device
         return OrderedDict(
             pixel_values=TensorType(DType.float32, ["vision_seq_len", self.in_dim], d),
             grid_thw=TensorType(DType.int64, ["n_grids", 3], d),
             vision_position_ids=TensorType(DType.int32, ["vision_seq_len", 2], d),
             cu_seqlens=TensorType(DType.uint32, ["n_segments_plus_one"], d),
-        )
-
-    def trace(
-        self,
-        *input_types: Type[Any],
-        name: str | None = None,
-        module: GraphModule | None = None,
-        custom_extensions: Iterable[Path] = (),
-        is_device_graph: bool = False,
-    ) -> Graph:
-        def forward(*inputs: Value[Any]) -> tuple[TensorValue, ...]:
-            return self(*(v.tensor for v in inputs))
-
-        return Graph(
-            type(self).__qualname__ if name is None else name,
-            forward,
-            input_types=input_types,
-            custom_extensions=list(custom_extensions),
-            module=module,
-            is_device_graph=is_device_graph,
         )
 
     def __call__(
