@@ -299,3 +299,34 @@ def test_bad_video_is_a_clear_error(engine, payload):
     conv = [{"role": "user", "content": [{"type": "video", "video": payload}, {"type": "text", "text": "?"}]}]
     with pytest.raises(Exception, match="(?i)video|decode|frame"):
         engine.generate([conv], max_new_tokens=1)
+
+
+@pytest.mark.parametrize("kind", ["one_image", "two_images", "video", "text"])
+def test_3d_position_ids_match_get_rope_index(tokenizer, hf_processor, reference, kind):
+    """MRoPE positions (t, h, w rows) and rope delta equal transformers' get_rope_index."""
+    import asyncio
+
+    from qwen3vl_moe.api import _split_media
+    from max.pipelines.context import SamplingParams
+    from max.pipelines.modeling.types import RequestID, TextGenerationRequest
+
+    if kind == "video":
+        conv, ref = VIDEO_CONV, hf_video_inputs(hf_processor, VIDEO, 10.0, "What happens?")
+    elif kind == "text":
+        conv = [{"role": "user", "content": [{"type": "text", "text": "Only words here, no pictures at all."}]}]
+        ref = dict(hf_processor(text=[hf_processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)], return_tensors="pt"))
+    else:
+        conv = ONE_IMAGE if kind == "one_image" else TWO_IMAGES
+        ref = hf_inputs(hf_processor, conv)
+    chat, images, videos = _split_media(conv)
+    ctx = asyncio.run(tokenizer.new_context(TextGenerationRequest(
+        request_id=RequestID(), model_name="m", messages=chat, images=images, videos=videos,
+        sampling_params=SamplingParams(max_new_tokens=1),
+    )))
+    ids = ref["input_ids"]
+    positions, delta = reference.model.get_rope_index(
+        ids, image_grid_thw=ref.get("image_grid_thw"), video_grid_thw=ref.get("video_grid_thw"),
+        attention_mask=torch.ones_like(ids), mm_token_type_ids=ref.get("mm_token_type_ids"),
+    )
+    assert np.array_equal(ctx.decoder_position_ids, positions[:, 0].numpy())
+    assert int(ctx.rope_delta) == int(delta.reshape(-1)[0])
