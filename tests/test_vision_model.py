@@ -79,6 +79,18 @@ def hf_logits(model, inputs: dict) -> np.ndarray:
         return model(**inputs).logits[0].float().numpy()
 
 
+def hf_greedy(model, inputs: dict, steps: int) -> list[int]:
+    """Greedy decoding by full recomputation with the media inputs: no cache, no generate() policies."""
+    seq, types = inputs["input_ids"], inputs["mm_token_type_ids"]
+    tokens = []
+    for _ in range(steps):
+        step = {**inputs, "input_ids": seq, "attention_mask": torch.ones_like(seq), "mm_token_type_ids": types}
+        tokens.append(int(hf_logits(model, step)[-1].argmax()))
+        seq = torch.cat([seq, torch.tensor([[tokens[-1]]])], dim=1)
+        types = torch.cat([types, torch.zeros((1, 1), dtype=types.dtype)], dim=1)
+    return tokens
+
+
 def assert_close(got: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-4) -> None:
     assert got.shape == ref.shape, what
     tol = rel * max(1.0, float(np.abs(ref).max()))
@@ -172,17 +184,7 @@ def test_image_prompt_logits_match_transformers(engine, reference, hf_processor,
 @pytest.mark.parametrize("conv", [ONE_IMAGE, TWO_IMAGES], ids=["one_image", "two_images"])
 def test_image_greedy_continuation_matches_transformers(engine, reference, hf_processor, conv):
     [out] = engine.generate([conv], max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    inputs = hf_inputs(hf_processor, conv)
-    seq = inputs["input_ids"]
-    types = inputs["mm_token_type_ids"]
-    expected = []
-    for _ in range(NEW_TOKENS):
-        step = {**inputs, "input_ids": seq, "attention_mask": torch.ones_like(seq), "mm_token_type_ids": types}
-        nxt = int(hf_logits(reference, step)[-1].argmax())
-        expected.append(nxt)
-        seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
-        types = torch.cat([types, torch.zeros((1, 1), dtype=types.dtype)], dim=1)
-    assert out.token_ids == expected
+    assert out.token_ids == hf_greedy(reference, hf_inputs(hf_processor, conv), NEW_TOKENS)
 
 
 def test_text_and_image_requests_share_a_batch(engine):
@@ -283,15 +285,7 @@ def test_video_logits_and_greedy_match_transformers(engine, reference, hf_proces
     assert_close(ours, hf_logits(reference, ref_inputs), "video prefill logits")
 
     [out] = engine.generate([VIDEO_CONV], max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    seq, types = ref_inputs["input_ids"], ref_inputs["mm_token_type_ids"]
-    expected = []
-    for _ in range(NEW_TOKENS):
-        step = {**ref_inputs, "input_ids": seq, "attention_mask": torch.ones_like(seq), "mm_token_type_ids": types}
-        nxt = int(hf_logits(reference, step)[-1].argmax())
-        expected.append(nxt)
-        seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
-        types = torch.cat([types, torch.zeros((1, 1), dtype=types.dtype)], dim=1)
-    assert out.token_ids == expected
+    assert out.token_ids == hf_greedy(reference, ref_inputs, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("payload", [b"", b"not a video at all"], ids=["empty", "garbage"])
