@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from max.pipelines.architectures.qwen3vl_moe import model_config as _builtin
 
-__all__ = ["Qwen3VLConfig", "VisionConfig", "is_moe_layer", "rope_theta"]
+__all__ = ["Qwen3VLConfig", "VisionConfig", "head_dim", "is_moe_layer", "mrope_section", "rope_theta"]
 
 
 class VisionConfig(_builtin.VisionConfig):
@@ -32,6 +32,11 @@ class Qwen3VLConfig(_builtin.Qwen3VLConfig):
         )
         config.vision_config.__class__ = VisionConfig
         return config
+
+
+def head_dim(text_config) -> int:
+    """Attention head size: explicit in Qwen3-VL configs, else hidden / heads."""
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
 
 
 def is_moe_layer(text_config, layer_idx: int) -> bool:

@@ -21,7 +21,7 @@ from max.driver import Buffer
 from max.dtype import DType
 from max.graph.weights import WeightData, Weights
 
-from .model_config import is_moe_layer
+from .model_config import head_dim, is_moe_layer
 
 ExpertLayout = Literal["hub", "transformers"]
 
@@ -49,7 +49,7 @@ def graph_name(checkpoint_name: str) -> str:
 
 def _text_shapes(tc: Any, tied: bool) -> dict[str, tuple[int, ...]]:
     H, V = tc.hidden_size, tc.vocab_size
-    hd = getattr(tc, "head_dim", None) or H // tc.num_attention_heads
+    hd = head_dim(tc)
     nh, nkv = tc.num_attention_heads, tc.num_key_value_heads
     shapes: dict[str, tuple[int, ...]] = {
         "language_model.embed_tokens.weight": (V, H),

@@ -26,7 +26,7 @@ from max.nn.transformer.distributed_transformer import distributed_logits_postpr
 from max.pipelines.lib.interfaces.batch_processor import ragged_batch_inputs
 from max.pipelines.lib.vlm_utils import merge_multimodal_embeddings
 
-from ..model_config import Qwen3VLConfig, is_moe_layer, mrope_section, rope_theta
+from ..model_config import Qwen3VLConfig, head_dim, is_moe_layer, mrope_section, rope_theta
 from ..weight_adapters import ExpertLayout
 from .attention import TextAttention
 from .mlp import DenseMLP, SparseMoE
@@ -71,8 +71,8 @@ class Qwen3VLTextDecoder(Module):
         self.kv_params = config.llm_config.kv_params
         self.return_logits = return_logits
         self.num_deepstack_layers = len(config.vision_config.deepstack_visual_indexes)
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        self.rope = InterleavedMRope(head_dim, rope_theta(tc), mrope_section(tc))
+        head_size = head_dim(tc)
+        self.rope = InterleavedMRope(head_size, rope_theta(tc), mrope_section(tc))
 
         def mlp(i: int) -> Module:
             if is_moe_layer(tc, i):
@@ -88,7 +88,7 @@ class Qwen3VLTextDecoder(Module):
             TextDecoderLayer(
                 TextAttention(
                     hidden_size=tc.hidden_size, num_heads=tc.num_attention_heads,
-                    num_kv_heads=tc.num_key_value_heads, head_dim=head_dim,
+                    num_kv_heads=tc.num_key_value_heads, head_dim=head_size,
                     rms_norm_eps=tc.rms_norm_eps, kv_params=self.kv_params,
                     dtype=dtype, device=device,
                 ),
