@@ -121,7 +121,7 @@ def bench_moe(args) -> None:
             ins = [TensorType(mdt, s, dev) for s in (["T", H], ["T", E], gu.shape, dn.shape)]
             t0 = time.perf_counter()
             with Graph(f"bench_moe_{dt}_{name}", input_types=ins,
-                       custom_extensions=[kernel_package("moe")]) as g:
+                       custom_extensions=[kernel_package("text")]) as g:
                 xv, lv, guv, dnv = (v.tensor for v in g.inputs)
                 y = moe_experts(xv, lv, guv, dnv, top_k=K, weights_hub_layout=hub)
                 g.output(y)

@@ -1,4 +1,4 @@
-"""Tests of the MoE custom ops (mojo_kernels/moe) through qwen3vl_moe.kernels.moe.
+"""Tests of the MoE custom ops (mojo_kernels/text) through qwen3vl_moe.kernels.moe.
 
 One module-scoped CPU graph with symbolic T, H, E, I holds every variant under test
 (top_k in TOP_KS x {hub, transformers} weight layout x {float32, bfloat16 cast inside
@@ -43,11 +43,11 @@ LAYOUTS = (True, False)     # weights_hub_layout
 N_OUT_PER_K = 4 + 2 * len(LAYOUTS)   # ids, weights, perm, offsets, then y f32 / y bf16 per layout
 
 
-def _precompile_moe(out: Path) -> Path:
-    """`mojo precompile` the moe package once (the file name is part of MAX's cache key)."""
+def precompile_text_ops(out: Path) -> Path:
+    """`mojo precompile` the text package once (the file name is part of MAX's cache key)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     mojo = Path(sys.executable).parent / "mojo"
-    subprocess.run([str(mojo), "precompile", str(kernel_package("moe")), "-o", str(out)],
+    subprocess.run([str(mojo), "precompile", str(kernel_package("text")), "-o", str(out)],
                    check=True, capture_output=True)
     return out
 
@@ -85,7 +85,7 @@ def build_moe_graph(dev: DeviceRef, pkg: Path, top_ks=TOP_KS) -> Graph:
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def moe_pkg():
-    return _precompile_moe(REPO / ".build" / "moe_kernels.mojoc")
+    return precompile_text_ops(REPO / ".build" / "text_kernels.mojoc")
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def check_case(model, x, logits, gu, dn):
 @given(
     T=st.integers(1, 40),
     E=st.integers(MIN_E, 16),
-    H=st.integers(1, 80),
+    H=st.integers(1, 80) | st.integers(128, 300),   # large H: several k-blocks when streaming
     I=st.integers(1, 56),
     mode=st.sampled_from(["random", "one_expert", "empty_expert"]),
     seed=st.integers(0, 2**31 - 1),
@@ -216,6 +216,8 @@ def test_moe_matches_reference(moe_model, T, E, H, I, mode, seed):
     (200, MIN_E, 70, 40, "one_expert"),    # > one row chunk (96) on one expert, column tails
     (64, 32, 128, 96, "random"),           # several full register tiles in both layouts
     (33, 12, 129, 33, "empty_expert"),
+    (3, MIN_E, 300, 130, "random"),        # decode: every expert streams, several k-blocks with a tail
+    (20, MIN_E, 257, 70, "one_expert"),    # expert 0 in column panels, the others stream, in one call
 ])
 def test_moe_edges(moe_model, T, E, H, I, mode):
     res = check_case(moe_model, *make_case(T * 1000 + H, T, E, H, I, mode))
@@ -289,7 +291,7 @@ def _gpu_compile_main(api: str, arch: str) -> None:
     from max.engine import InferenceSession
 
     gpu = Accelerator()
-    pkg = _precompile_moe(REPO / ".build" / "moe_kernels_gpu.mojoc")
+    pkg = precompile_text_ops(REPO / ".build" / "text_kernels_gpu.mojoc")
     graph = build_moe_graph(DeviceRef.GPU(), pkg, top_ks=(8,))
     t0 = time.time()
     InferenceSession(devices=[CPU(), gpu]).compile(graph)     # load() would need a real GPU

@@ -110,7 +110,7 @@ class Qwen3VLModel(_builtin.Qwen3VLModel):
                 tuple(tree.leaves(decoder.input_tree(self.kv_params))),
                 weights=self._language_weights_dict,
                 group=_COMPILE_GROUP,
-                custom_extensions=(kernel_package("moe"),),
+                custom_extensions=(kernel_package("text"),),
             ),
         }
 

@@ -1,4 +1,4 @@
-"""Graph-side wrappers of the MoE custom ops in ``mojo_kernels/moe``.
+"""Graph-side wrappers of the MoE custom ops in ``mojo_kernels/text``.
 
 ``moe_experts`` is the whole routed-experts computation of transformers'
 ``Qwen3VLMoeTextSparseMoeBlock`` (after the router linear):
@@ -12,7 +12,7 @@ expert), ``moe_gate_up`` (grouped GEMM, rows gathered through the permutation,
 SwiGLU fused) and ``moe_down`` (grouped GEMM, routing weight and un-permute fused,
 then the float32 sum over k in top-k order, like transformers' grouped_mm path).
 
-A graph that calls these must list ``kernel_package("moe")`` (or a ``.mojoc``
+A graph that calls these must list ``kernel_package("text")`` (or a ``.mojoc``
 precompiled from it) in ``custom_extensions``.
 """
 

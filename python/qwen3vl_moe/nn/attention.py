@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from max.dtype import DType
 from max.graph import DeviceRef, TensorValue, ops
-from max.nn import Linear
 from max.nn.attention import MHAMaskVariant
 from max.nn.kernels import flash_attention_ragged, store_k_cache_ragged, store_v_cache_ragged
 from max.nn.kv_cache import KVCacheParams, PagedCacheValues
 from max.nn.layer import Module
 from max.nn.norm import RMSNorm
 
+from .linear import StreamingLinear
 from .rotary import apply_rotary
 
 
@@ -32,10 +32,10 @@ class TextAttention(Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.kv_params = kv_params
-        self.q_proj = Linear(hidden_size, num_heads * head_dim, dtype, device)
-        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, dtype, device)
-        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, dtype, device)
-        self.o_proj = Linear(num_heads * head_dim, hidden_size, dtype, device)
+        self.q_proj = StreamingLinear(hidden_size, num_heads * head_dim, dtype, device)
+        self.k_proj = StreamingLinear(hidden_size, num_kv_heads * head_dim, dtype, device)
+        self.v_proj = StreamingLinear(hidden_size, num_kv_heads * head_dim, dtype, device)
+        self.o_proj = StreamingLinear(num_heads * head_dim, hidden_size, dtype, device)
         # transformers normalises in float32, casts, then multiplies by the weight.
         self.q_norm = RMSNorm(head_dim, dtype, rms_norm_eps, multiply_before_cast=False)
         self.k_norm = RMSNorm(head_dim, dtype, rms_norm_eps, multiply_before_cast=False)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from max.dtype import DType
 from max.graph import DeviceRef, TensorValue, Weight, ops
-from max.nn import Linear
 from max.nn.layer import Module
 
 from ..kernels.moe import moe_experts
 from ..weight_adapters import ExpertLayout
+from .linear import StreamingLinear
 
 
 class DenseMLP(Module):
@@ -16,9 +16,9 @@ class DenseMLP(Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, dtype: DType, device: DeviceRef) -> None:
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, dtype, device)
-        self.up_proj = Linear(hidden_size, intermediate_size, dtype, device)
-        self.down_proj = Linear(intermediate_size, hidden_size, dtype, device)
+        self.gate_proj = StreamingLinear(hidden_size, intermediate_size, dtype, device)
+        self.up_proj = StreamingLinear(hidden_size, intermediate_size, dtype, device)
+        self.down_proj = StreamingLinear(intermediate_size, hidden_size, dtype, device)
 
     def __call__(self, x: TensorValue) -> TensorValue:
         return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -47,7 +47,7 @@ class SparseMoE(Module):
 
     The router linear runs in the graph; routing (softmax, top-k and
     renormalisation in float32), the grouped expert GEMMs with SwiGLU fused and
-    the weighted un-permute are the Mojo ops of ``mojo_kernels/moe``, so only
+    the weighted un-permute are the Mojo ops of ``mojo_kernels/text``, so only
     the chosen experts' weights are read.
     """
 
@@ -57,7 +57,7 @@ class SparseMoE(Module):
     ) -> None:
         super().__init__()
         self.top_k = top_k
-        self.gate = Linear(hidden_size, num_experts, dtype, device)
+        self.gate = StreamingLinear(hidden_size, num_experts, dtype, device)
         self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, layout, dtype, device)
 
     def __call__(self, x: TensorValue) -> TensorValue:

@@ -17,7 +17,7 @@ from max import tree
 from max.dtype import DType
 from max.graph import BufferValue, DeviceRef, Graph, TensorType, TensorValue, Type, Value, ops
 from max.graph import Module as GraphModule
-from max.nn import Embedding, Linear
+from max.nn import Embedding
 from max.nn.kv_cache import KVCacheInputsPerDevice, KVCacheParamInterface, PagedCacheValues
 from max.nn.layer import LayerList, Module
 from max.nn.norm import RMSNorm
@@ -29,6 +29,7 @@ from max.pipelines.lib.vlm_utils import merge_multimodal_embeddings
 from ..model_config import Qwen3VLConfig, head_dim, is_moe_layer, mrope_section, rope_theta
 from ..weight_adapters import ExpertLayout
 from .attention import TextAttention
+from .linear import StreamingLinear
 from .mlp import DenseMLP, SparseMoE
 from .rotary import InterleavedMRope
 
@@ -98,7 +99,7 @@ class Qwen3VLTextDecoder(Module):
         ])
         self.embed_tokens = Embedding(tc.vocab_size, tc.hidden_size, dtype, device)
         self.norm = RMSNorm(tc.hidden_size, dtype, tc.rms_norm_eps, multiply_before_cast=False)
-        self.lm_head = Linear(tc.hidden_size, tc.vocab_size, dtype, device)
+        self.lm_head = StreamingLinear(tc.hidden_size, tc.vocab_size, dtype, device)
         if getattr(huggingface_config, "tie_word_embeddings", False):
             self.lm_head.set_shared_weight("weight", self.embed_tokens.weight)
 

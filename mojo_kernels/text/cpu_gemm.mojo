@@ -247,14 +247,16 @@ def run_dynamic[F: def(Int, Int) -> None](func: F, n: Int):
     parallelize(worker, workers, workers)
 
 
-def row_chunks(offsets: Pointer[Int32, MutAnyOrigin], E: Int) -> List[Int]:
-    """Flat (expert, row_begin, row_end) triples covering every expert's sorted rows
-    in chunks of at most ROWS_PER_CHUNK rows (empty experts get none), largest first
-    so that the dynamic schedule ends with the small tasks."""
+def row_chunks(offsets: Pointer[Int32, MutAnyOrigin], E: Int, skip_up_to: Int = 0) -> List[Int]:
+    """Flat (expert, row_begin, row_end) triples covering the sorted rows of every expert
+    with more than `skip_up_to` rows in chunks of at most ROWS_PER_CHUNK rows (empty
+    experts get none), largest first so that the dynamic schedule ends with the small tasks."""
     var chunks = List[Int]()
     for e in range(E):
         var r = Int(offsets[unsafe_offset=e])
         var end = Int(offsets[unsafe_offset=e + 1])
+        if end - r <= skip_up_to:
+            continue
         while r < end:
             var stop = min(r + ROWS_PER_CHUNK, end)
             chunks.append(e)
@@ -285,6 +287,108 @@ def check_offsets(offsets: Pointer[Int32, MutAnyOrigin], E: Int, S: Int) raises:
     for e in range(E):
         if offsets[unsafe_offset=e] > offsets[unsafe_offset=e + 1]:
             raise Error("moe: offsets must be non-decreasing")
+
+
+
+# ----------------------------------------------------------------------------- few rows per expert (hub layout)
+# Decode routes one to a few rows to each expert. Reading an expert's [K, N] weight in
+# column panels then walks K rows of a few cache lines each, pages apart, and leaves the
+# DRAM bandwidth unused. Instead each (expert, k-block) task streams its rows of W in
+# memory order, adding a[r][k] * W[k, :] into float32 partial rows (L1/L2); a second pass
+# sums the k-blocks and applies the epilogue.
+comptime STREAM_MAX_ROWS = 8   # experts with at most this many rows stream (hub layout)
+comptime STREAM_TASKS = 16     # (expert, k-block) tasks to aim for per call
+
+
+def stream_experts(offsets: Pointer[Int32, MutAnyOrigin], E: Int) -> List[Int]:
+    """Experts with 1 ..< STREAM_MAX_ROWS + 1 sorted rows."""
+    var out = List[Int]()
+    for e in range(E):
+        var rows = Int(offsets[unsafe_offset=e + 1]) - Int(offsets[unsafe_offset=e])
+        if rows > 0 and rows <= STREAM_MAX_ROWS:
+            out.append(e)
+    return out^
+
+
+def stream_k_blocks(n_experts: Int, K: Int) -> Int:
+    """k-blocks per streaming expert: enough tasks to keep every core busy, blocks >= 64 rows."""
+    if n_experts == 0:
+        return 0
+    return max(1, min(ceildiv(STREAM_TASKS, n_experts), K // 64))
+
+
+@always_inline
+def _stream_step[
+    dtype: DType, MR: Int, KU: Int
+](
+    part: Pointer[Float32, MutAnyOrigin],
+    a: Array[Pointer[Scalar[dtype], MutAnyOrigin], MR],
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldw: Int, k: Int, N: Int,
+):
+    """part[r, :N] += sum_{q < KU} a[r][k+q] * W[k+q, :N]  (W rows ldw apart, part rows N apart)."""
+    var xb = Array[SIMD[F32, VEC], MR * KU](fill=0)
+    comptime for r in range(MR):
+        comptime for q in range(KU):
+            xb[r * KU + q] = SIMD[F32, VEC](a[r].unsafe_load[width=1](k + q).cast[F32]())
+    var n = 0
+    while n + VEC <= N:
+        var wv = Array[SIMD[F32, VEC], KU](fill=0)
+        comptime for q in range(KU):
+            wv[q] = w.unsafe_load[width=VEC]((k + q) * ldw + n).cast[F32]()
+        comptime for r in range(MR):
+            var acc = part.unsafe_load[width=VEC](r * N + n)
+            comptime for q in range(KU):
+                acc = xb[r * KU + q].fma(wv[q], acc)
+            part.unsafe_store(r * N + n, acc)
+        n += VEC
+    while n < N:
+        comptime for r in range(MR):
+            var acc = part[unsafe_offset=r * N + n]
+            comptime for q in range(KU):
+                acc += xb[r * KU + q][0] * w[unsafe_offset=(k + q) * ldw + n].cast[F32]()
+            part[unsafe_offset=r * N + n] = acc
+        n += 1
+
+
+@always_inline
+def _stream_rows[
+    dtype: DType, MR: Int
+](
+    part: Pointer[Float32, MutAnyOrigin],
+    rows: Array[Pointer[Scalar[dtype], MutAnyOrigin], STREAM_MAX_ROWS],
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldw: Int, k0: Int, k1: Int, N: Int,
+):
+    """part[r, :N] = sum_{k0 <= k < k1} rows[r][k] * W[k, :N] for r < MR (float32)."""
+    comptime KU = 4 if MR <= 4 else 2
+    var a = Array[Pointer[Scalar[dtype], MutAnyOrigin], MR](fill=rows[0])
+    comptime for r in range(MR):
+        a[r] = rows[r]
+    for i in range(MR * N):
+        part[unsafe_offset=i] = 0
+    var k = k0
+    while k + KU <= k1:
+        _stream_step[dtype, MR, KU](part, a, w, ldw, k, N)
+        k += KU
+    while k < k1:
+        _stream_step[dtype, MR, 1](part, a, w, ldw, k, N)
+        k += 1
+
+
+def stream_task[
+    dtype: DType
+](
+    part: Pointer[Float32, MutAnyOrigin],
+    rows: Array[Pointer[Scalar[dtype], MutAnyOrigin], STREAM_MAX_ROWS],
+    n_rows: Int,
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    ldw: Int, k0: Int, k1: Int, N: Int,
+):
+    """One (expert, k-block) task of n_rows (1 ... STREAM_MAX_ROWS) rows."""
+    comptime for mr in range(1, STREAM_MAX_ROWS + 1):
+        if n_rows == mr:
+            _stream_rows[dtype, mr](part, rows, w, ldw, k0, k1, N)
 
 
 # ----------------------------------------------------------------------------- gate_up
@@ -402,22 +506,47 @@ def gate_up_cpu[
     E: Int, top_k: Int, H: Int, I: Int,
 ):
     """Grouped gate_up: h[p, :] = silu(x[tok] @ Wg) * (x[tok] @ Wu) for every sorted row p of every expert."""
-    var chunks = row_chunks(offsets, E)
-    var n_chunks = len(chunks) // 3
-    if n_chunks == 0 or I == 0:
+    if I == 0:
         return
-    var cp = chunks.unsafe_ptr()
     comptime if hub:
         comptime NBW = GU_NV * VEC
+        # Experts with many rows: column panels (outer-product tiles); with few: weight streams.
+        var chunks = row_chunks(offsets, E, STREAM_MAX_ROWS)
+        var n_chunks = len(chunks) // 3
+        var cp = chunks.unsafe_ptr()
         var n_tiles = ceildiv(I, NBW)
         var panel = panel_pairs_size(H, 2 * NBW)
-        var scratch = List[Scalar[dtype]](length=num_workers(n_chunks * n_tiles) * panel, fill=0)
+        var scratch = List[Scalar[dtype]](length=num_workers(n_chunks * n_tiles + 1) * panel, fill=0)
         var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
+        var streams = stream_experts(offsets, E)
+        var n_streams = len(streams)
+        var ep = streams.unsafe_ptr()
+        var nkb = stream_k_blocks(n_streams, H)
+        var kb_rows = ceildiv(H, max(nkb, 1))
+        var S = Int(offsets[unsafe_offset=E])
+        var partials = List[Float32](length=nkb * S * 2 * I, fill=0)
+        var pp = partials.unsafe_ptr().as_unsafe_any_origin()
+        var n_stream_tasks = n_streams * nkb
 
-        def task_outer(t: Int, wk: Int) {var h, var x, var w, var perm, var cp, var n_tiles, var top_k, var H, var I, var sp, var panel}:
+        def task(t: Int, wk: Int) {var h, var x, var w, var perm, var offsets, var cp, var n_tiles, var top_k, var H, var I, var sp, var panel, var ep, var nkb, var kb_rows, var S, var pp, var n_stream_tasks}:
+            if t < n_stream_tasks:
+                var e = ep[unsafe_offset=t // nkb]
+                var kb = t % nkb
+                var r0 = Int(offsets[unsafe_offset=e])
+                var n_rows = Int(offsets[unsafe_offset=e + 1]) - r0
+                var rows = Array[Pointer[Scalar[dtype], MutAnyOrigin], STREAM_MAX_ROWS](fill=x)
+                for i in range(n_rows):
+                    rows[i] = x.unsafe_offset((Int(perm[unsafe_offset=r0 + i]) // top_k) * H)
+                var k0 = kb * kb_rows
+                stream_task[dtype](
+                    pp.unsafe_offset((kb * S + r0) * 2 * I), rows, n_rows,
+                    w.unsafe_offset(e * H * 2 * I), 2 * I, k0, min(k0 + kb_rows, H), 2 * I,
+                )
+                return
+            var u = t - n_stream_tasks
             var scr = sp.unsafe_offset(wk * panel)
-            var c = t // n_tiles
-            var j = (t % n_tiles) * NBW
+            var c = u // n_tiles
+            var j = (u % n_tiles) * NBW
             var e = cp[unsafe_offset=3 * c]
             var r0 = cp[unsafe_offset=3 * c + 1]
             var r1 = cp[unsafe_offset=3 * c + 2]
@@ -432,11 +561,43 @@ def gate_up_cpu[
                 _gu_outer_cols[dtype, 1, 1](h, x, w_e, perm, scr, r0, r1, j, top_k, H, I)
                 j += 1
 
-        run_dynamic(task_outer, n_chunks * n_tiles)
+        run_dynamic(task, n_stream_tasks + n_chunks * n_tiles)
+
+        def finish(i: Int, wk: Int) {var h, var offsets, var ep, var nkb, var S, var I, var pp}:
+            """Sum the k-blocks of one streamed expert's rows, then SwiGLU."""
+            var e = ep[unsafe_offset=i]
+            for p in range(Int(offsets[unsafe_offset=e]), Int(offsets[unsafe_offset=e + 1])):
+                var j = 0
+                while j + VEC <= I:
+                    var g = SIMD[F32, VEC](0)
+                    var u = SIMD[F32, VEC](0)
+                    for kb in range(nkb):
+                        var row = pp.unsafe_offset((kb * S + p) * 2 * I)
+                        g += row.unsafe_load[width=VEC](j)
+                        u += row.unsafe_load[width=VEC](I + j)
+                    h.unsafe_store(p * I + j, swiglu[dtype](g, u).cast[dtype]())
+                    j += VEC
+                while j < I:
+                    var g = SIMD[F32, 1](0)
+                    var u = SIMD[F32, 1](0)
+                    for kb in range(nkb):
+                        var row = pp.unsafe_offset((kb * S + p) * 2 * I)
+                        g += row[unsafe_offset=j]
+                        u += row[unsafe_offset=I + j]
+                    h[unsafe_offset=p * I + j] = swiglu[dtype](g, u).cast[dtype]()
+                    j += 1
+
+        run_dynamic(finish, n_streams)
         _ = scratch^
+        _ = partials^
+        _ = streams^
+        _ = chunks^
     else:
         comptime NC = DOT_NC // 2
         comptime NT = DOT_COLS_PER_TASK
+        var chunks = row_chunks(offsets, E)
+        var n_chunks = len(chunks) // 3
+        var cp = chunks.unsafe_ptr()
         var n_tiles = ceildiv(I, NT)
 
         def task_dot(t: Int, wk: Int) {var h, var x, var w, var perm, var cp, var n_tiles, var top_k, var H, var I}:
@@ -450,6 +611,7 @@ def gate_up_cpu[
             _gu_dot_block[dtype](h, x, w_e, perm, r0, r1, j, j_end, top_k, H, I)
 
         run_dynamic(task_dot, n_chunks * n_tiles)
+        _ = chunks^
 
 
 # ----------------------------------------------------------------------------- down
@@ -571,22 +733,47 @@ def down_cpu[
     E: Int, H: Int, I: Int,
 ):
     """Grouped down: ws[perm[p], :] = rw[perm[p]] * (h[p] @ Wdown[e]) for every sorted row p."""
-    var chunks = row_chunks(offsets, E)
-    var n_chunks = len(chunks) // 3
-    if n_chunks == 0 or H == 0:
+    if H == 0:
         return
-    var cp = chunks.unsafe_ptr()
     comptime if hub:
         comptime NBW = DN_NV * VEC
+        # Experts with many rows: column panels (outer-product tiles); with few: weight streams.
+        var chunks = row_chunks(offsets, E, STREAM_MAX_ROWS)
+        var n_chunks = len(chunks) // 3
+        var cp = chunks.unsafe_ptr()
         var n_tiles = ceildiv(H, NBW)
         var panel = panel_pairs_size(I, NBW)
-        var scratch = List[Scalar[dtype]](length=num_workers(n_chunks * n_tiles) * panel, fill=0)
+        var scratch = List[Scalar[dtype]](length=num_workers(n_chunks * n_tiles + 1) * panel, fill=0)
         var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
+        var streams = stream_experts(offsets, E)
+        var n_streams = len(streams)
+        var ep = streams.unsafe_ptr()
+        var nkb = stream_k_blocks(n_streams, I)
+        var kb_rows = ceildiv(I, max(nkb, 1))
+        var S = Int(offsets[unsafe_offset=E])
+        var partials = List[Float32](length=nkb * S * H, fill=0)
+        var pp = partials.unsafe_ptr().as_unsafe_any_origin()
+        var n_stream_tasks = n_streams * nkb
 
-        def task_outer(t: Int, wk: Int) {var ws, var hs, var w, var perm, var rw, var cp, var n_tiles, var H, var I, var sp, var panel}:
+        def task(t: Int, wk: Int) {var ws, var hs, var w, var perm, var rw, var offsets, var cp, var n_tiles, var H, var I, var sp, var panel, var ep, var nkb, var kb_rows, var S, var pp, var n_stream_tasks}:
+            if t < n_stream_tasks:
+                var e = ep[unsafe_offset=t // nkb]
+                var kb = t % nkb
+                var r0 = Int(offsets[unsafe_offset=e])
+                var n_rows = Int(offsets[unsafe_offset=e + 1]) - r0
+                var rows = Array[Pointer[Scalar[dtype], MutAnyOrigin], STREAM_MAX_ROWS](fill=hs)
+                for i in range(n_rows):
+                    rows[i] = hs.unsafe_offset((r0 + i) * I)
+                var k0 = kb * kb_rows
+                stream_task[dtype](
+                    pp.unsafe_offset((kb * S + r0) * H), rows, n_rows,
+                    w.unsafe_offset(e * I * H), H, k0, min(k0 + kb_rows, I), H,
+                )
+                return
+            var u = t - n_stream_tasks
             var scr = sp.unsafe_offset(wk * panel)
-            var c = t // n_tiles
-            var n = (t % n_tiles) * NBW
+            var c = u // n_tiles
+            var n = (u % n_tiles) * NBW
             var e = cp[unsafe_offset=3 * c]
             var r0 = cp[unsafe_offset=3 * c + 1]
             var r1 = cp[unsafe_offset=3 * c + 2]
@@ -601,11 +788,40 @@ def down_cpu[
                 _dn_outer_cols[dtype, 1, 1](ws, hs, w_e, perm, rw, scr, r0, r1, n, H, I)
                 n += 1
 
-        run_dynamic(task_outer, n_chunks * n_tiles)
+        run_dynamic(task, n_stream_tasks + n_chunks * n_tiles)
+
+        def finish(i: Int, wk: Int) {var ws, var perm, var rw, var offsets, var ep, var nkb, var S, var H, var pp}:
+            """Sum the k-blocks of one streamed expert's rows, round, weight, un-permute."""
+            var e = ep[unsafe_offset=i]
+            for p in range(Int(offsets[unsafe_offset=e]), Int(offsets[unsafe_offset=e + 1])):
+                var slot = Int(perm[unsafe_offset=p])
+                var wt = rw[unsafe_offset=slot].cast[F32]()
+                var dst = ws.unsafe_offset(slot * H)
+                var n = 0
+                while n + VEC <= H:
+                    var acc = SIMD[F32, VEC](0)
+                    for kb in range(nkb):
+                        acc += pp.unsafe_load[width=VEC]((kb * S + p) * H + n)
+                    dst.unsafe_store(n, (round_to[dtype](acc) * wt).cast[dtype]())
+                    n += VEC
+                while n < H:
+                    var acc = SIMD[F32, 1](0)
+                    for kb in range(nkb):
+                        acc += pp[unsafe_offset=(kb * S + p) * H + n]
+                    dst[unsafe_offset=n] = (round_to[dtype](acc) * wt).cast[dtype]()
+                    n += 1
+
+        run_dynamic(finish, n_streams)
         _ = scratch^
+        _ = partials^
+        _ = streams^
+        _ = chunks^
     else:
         comptime NC = DOT_NC
         comptime NT = DOT_COLS_PER_TASK
+        var chunks = row_chunks(offsets, E)
+        var n_chunks = len(chunks) // 3
+        var cp = chunks.unsafe_ptr()
         var n_tiles = ceildiv(H, NT)
 
         def task_dot(t: Int, wk: Int) {var ws, var hs, var w, var perm, var rw, var cp, var n_tiles, var H, var I}:
@@ -619,6 +835,7 @@ def down_cpu[
             _dn_dot_block[dtype](ws, hs, w_e, perm, rw, r0, r1, n, n_end, H, I)
 
         run_dynamic(task_dot, n_chunks * n_tiles)
+        _ = chunks^
 
 
 def combine_cpu[
@@ -650,3 +867,84 @@ def combine_cpu[
                 n += 1
 
     run_dynamic(task, ceildiv(T, ROWS))
+
+
+# ----------------------------------------------------------------------------- dense linear, few rows
+comptime LIN_ROWS_PER_TASK = 48   # weight rows per parallel task (a multiple of every NC below)
+
+
+@always_inline
+def _linear_tile[
+    dtype: DType, MR: Int, NC: Int
+](
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    m0: Int, rows: Int, n: Int, N: Int, K: Int,
+):
+    """y[m0 ..< m0+rows, n ..< n+NC] = x[m0 ...] @ W[n ..< n+NC]^T (rows <= MR; extra rows repeat the last)."""
+    var a = Array[Pointer[Scalar[dtype], MutAnyOrigin], MR](fill=x)
+    comptime for i in range(MR):
+        a[i] = x.unsafe_offset((m0 + min(i, rows - 1)) * K)
+    var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], NC](fill=w)
+    comptime for c in range(NC):
+        b[c] = w.unsafe_offset((n + c) * K)
+    var acc = dot_tile[dtype, MR, NC](a, b, K)
+    comptime for i in range(MR):
+        if i < rows:
+            comptime for c in range(NC):
+                y[unsafe_offset=(m0 + i) * N + n + c] = acc[i * NC + c].cast[dtype]()
+
+
+@always_inline
+def _linear_block[
+    dtype: DType, MR: Int, NC: Int
+](
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    M: Int, n0: Int, n1: Int, N: Int, K: Int,
+):
+    """y[:, n0 ..< n1]: NC weight rows at a time, each streamed from memory once;
+    row groups of MR inside, re-reading the tile from L1."""
+    var n = n0
+    while n + NC <= n1:
+        var m = 0
+        while m < M:
+            _linear_tile[dtype, MR, NC](y, x, w, m, min(MR, M - m), n, N, K)
+            m += MR
+        n += NC
+    while n < n1:
+        var m = 0
+        while m < M:
+            _linear_tile[dtype, MR, 1](y, x, w, m, min(MR, M - m), n, N, K)
+            m += MR
+        n += 1
+
+
+def linear_rows_cpu[
+    dtype: DType
+](
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    M: Int, N: Int, K: Int,
+):
+    """y = x @ W^T for a few rows of x (W [N, K] row-major): W streams once, row after row.
+
+    Register tiles (rows x weight rows): 1x8, 2x8, 4x6, 8x3, at most 24 accumulators."""
+    var tasks = ceildiv(N, LIN_ROWS_PER_TASK)
+
+    def task(t: Int, wk: Int) {var y, var x, var w, var M, var N, var K}:
+        var n0 = t * LIN_ROWS_PER_TASK
+        var n1 = min(n0 + LIN_ROWS_PER_TASK, N)
+        if M == 1:
+            _linear_block[dtype, 1, 8](y, x, w, M, n0, n1, N, K)
+        elif M == 2:
+            _linear_block[dtype, 2, 8](y, x, w, M, n0, n1, N, K)
+        elif M <= 4:
+            _linear_block[dtype, 4, 6](y, x, w, M, n0, n1, N, K)
+        else:
+            _linear_block[dtype, 8, 3](y, x, w, M, n0, n1, N, K)
+
+    run_dynamic(task, tasks)
