@@ -361,7 +361,9 @@ def _stream_rows[
     ldw: Int, k0: Int, k1: Int, N: Int,
 ):
     """part[r, :N] = sum_{k0 <= k < k1} rows[r][k] * W[k, :N] for r < MR (float32)."""
-    comptime KU = 4 if MR <= 4 else 2
+    # Weight rows read together: more concurrent streams use more of the DRAM bandwidth
+    # (8 layers of 4 experts, one row: 4 rows 5.8 ms, 8 rows 5.3, 16 rows 4.9, 32 rows 6.7).
+    comptime KU = 16 if MR == 1 else (8 if MR <= 4 else 4)
     var a = Array[Pointer[Scalar[dtype], MutAnyOrigin], MR](fill=rows[0])
     comptime for r in range(MR):
         a[r] = rows[r]
