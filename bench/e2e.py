@@ -30,8 +30,8 @@ Measured:
 - peak RSS of each worker;
 - the decode floor: weights read per decode step (attention, router, the
   top-k experts, dense MLPs, final norm, one embedding row, lm_head; at the
-  run's dtype) over the memory bandwidth measured in the same run (a 1 GiB
-  copy, GB/s = 2 * bytes / s); at batch B the experts are counted as the
+  run's dtype) over the memory bandwidth measured in the same run (host: a
+  1 GiB read on all cores; GPU: a 1 GiB copy); at batch B the experts are counted as the
   expected number of distinct experts that B tokens hit under uniform routing;
 - our graph compile time, cold (a subprocess with a fresh empty
   ``MODULAR_CACHE_DIR`` and ``TMPDIR``, where MAX puts precompiled Mojo
@@ -410,7 +410,12 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 def memory_bandwidth(devices: str, nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, Any]:
-    """Best-of-N copy bandwidth, GB/s = 2 * bytes / s (read + write)."""
+    """Best-of-N streaming bandwidth in GB/s, what a decode step's weight reads can reach.
+
+    GPU: a device copy, GB/s = 2 * bytes / s (read + write). Host: a read-only
+    sum over all cores (torch, every thread), GB/s = bytes / s; without torch,
+    a one-thread numpy copy, which underestimates a multi-core stream.
+    """
     if is_gpu(devices):
         import torch
 
@@ -427,6 +432,21 @@ def memory_bandwidth(devices: str, nbytes: int = 1 << 30, repeats: int = 5) -> d
                 times.append(time.perf_counter() - t)
             best = min(times[1:])
             return {"where": dev, "bytes": nbytes, "best_s": best, "gb_s": 2 * nbytes / best / 1e9}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        src = torch.ones(nbytes // 4, dtype=torch.float32)
+        times = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            src.sum()
+            times.append(time.perf_counter() - t)
+        best = min(times[1:])
+        del src
+        return {"where": f"host (read, {torch.get_num_threads()} threads)", "bytes": nbytes, "best_s": best,
+                "gb_s": nbytes / best / 1e9}
     import numpy as np
 
     src = np.ones(nbytes // 4, dtype=np.float32)
@@ -438,7 +458,7 @@ def memory_bandwidth(devices: str, nbytes: int = 1 << 30, repeats: int = 5) -> d
         times.append(time.perf_counter() - t)
     best = min(times[1:])
     del src, dst
-    return {"where": "host (numpy copy)", "bytes": nbytes, "best_s": best, "gb_s": 2 * nbytes / best / 1e9}
+    return {"where": "host (numpy copy, 1 thread)", "bytes": nbytes, "best_s": best, "gb_s": 2 * nbytes / best / 1e9}
 
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:

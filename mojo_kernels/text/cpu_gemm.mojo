@@ -311,7 +311,7 @@ def stream_experts(offsets: Pointer[Int32, MutAnyOrigin], E: Int) -> List[Int]:
 
 
 def stream_k_blocks(n_experts: Int, K: Int) -> Int:
-    """k-blocks per streaming expert: enough tasks to keep every core busy, blocks >= 64 rows."""
+    """The k-blocks of each streaming expert: enough tasks to keep every core busy, blocks >= 64 rows."""
     if n_experts == 0:
         return 0
     return max(1, min(ceildiv(STREAM_TASKS, n_experts), K // 64))
@@ -932,7 +932,7 @@ def linear_rows_cpu[
     w: Pointer[Scalar[dtype], MutAnyOrigin],
     M: Int, N: Int, K: Int,
 ):
-    """y = x @ W^T for a few rows of x (W [N, K] row-major): W streams once, row after row.
+    """Computes y = x @ W^T for a few rows of x (W [N, K] row-major): W streams once, row after row.
 
     Register tiles (rows x weight rows): 1x8, 2x8, 4x6, 8x3, at most 24 accumulators."""
     var tasks = ceildiv(N, LIN_ROWS_PER_TASK)

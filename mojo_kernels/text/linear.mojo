@@ -12,7 +12,7 @@ comptime GEMV_MAX_ROWS = 16
 
 @extensibility.register("linear")
 struct Linear:
-    """y = x @ W^T with W in the checkpoint's [N, K] layout (no bias).
+    """Computes y = x @ W^T with W in the checkpoint's [N, K] layout (no bias).
 
     MAX's CPU matmul packs (and, for W^T, transposes) the weight on every call;
     with few rows that copy costs as much as the product itself. Up to
