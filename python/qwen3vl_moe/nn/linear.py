@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from max.graph import TensorValue, ops
+from max.graph import TensorValue
 from max.nn import Linear
 
 from ..kernels.linear import linear
@@ -17,9 +17,7 @@ class StreamingLinear(Linear):
     """
 
     def __call__(self, x: TensorValue) -> TensorValue:
-        if not self.device.is_cpu() or self.bias is not None or self.weight.quantization_encoding is not None:
-            return super().__call__(x)
-        if x.rank == 2:
+        plain = self.bias is None and self.weight.quantization_encoding is None
+        if self.device.is_cpu() and plain and x.rank == 2:
             return linear(x, self.weight)
-        flat = linear(ops.reshape(x, [-1, x.shape[-1]]), self.weight)
-        return ops.reshape(flat, [*x.shape[:-1], self.weight.shape[0]])
+        return super().__call__(x)
