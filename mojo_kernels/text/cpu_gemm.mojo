@@ -518,8 +518,6 @@ def gate_up_cpu[
         var cp = chunks.unsafe_ptr()
         var n_tiles = ceildiv(I, NBW)
         var panel = panel_pairs_size(H, 2 * NBW)
-        var scratch = List[Scalar[dtype]](length=num_workers(n_chunks * n_tiles + 1) * panel, fill=0)
-        var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
         var streams = stream_experts(offsets, E)
         var n_streams = len(streams)
         var ep = streams.unsafe_ptr()
@@ -529,6 +527,10 @@ def gate_up_cpu[
         var partials = List[Float32](length=nkb * S * 2 * I, fill=0)
         var pp = partials.unsafe_ptr().as_unsafe_any_origin()
         var n_stream_tasks = n_streams * nkb
+        var n_tasks = n_stream_tasks + n_chunks * n_tiles
+        # One packing panel per worker: a worker's index can reach num_workers(n_tasks) - 1.
+        var scratch = List[Scalar[dtype]](length=num_workers(n_tasks) * panel, fill=0)
+        var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
 
         def task(t: Int, wk: Int) {var h, var x, var w, var perm, var offsets, var cp, var n_tiles, var top_k, var H, var I, var sp, var panel, var ep, var nkb, var kb_rows, var S, var pp, var n_stream_tasks}:
             if t < n_stream_tasks:
@@ -563,7 +565,7 @@ def gate_up_cpu[
                 _gu_outer_cols[dtype, 1, 1](h, x, w_e, perm, scr, r0, r1, j, top_k, H, I)
                 j += 1
 
-        run_dynamic(task, n_stream_tasks + n_chunks * n_tiles)
+        run_dynamic(task, n_tasks)
 
         def finish(i: Int, wk: Int) {var h, var offsets, var ep, var nkb, var S, var I, var pp}:
             """Sum the k-blocks of one streamed expert's rows, then SwiGLU."""
@@ -745,8 +747,6 @@ def down_cpu[
         var cp = chunks.unsafe_ptr()
         var n_tiles = ceildiv(H, NBW)
         var panel = panel_pairs_size(I, NBW)
-        var scratch = List[Scalar[dtype]](length=num_workers(n_chunks * n_tiles + 1) * panel, fill=0)
-        var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
         var streams = stream_experts(offsets, E)
         var n_streams = len(streams)
         var ep = streams.unsafe_ptr()
@@ -756,6 +756,10 @@ def down_cpu[
         var partials = List[Float32](length=nkb * S * H, fill=0)
         var pp = partials.unsafe_ptr().as_unsafe_any_origin()
         var n_stream_tasks = n_streams * nkb
+        var n_tasks = n_stream_tasks + n_chunks * n_tiles
+        # One packing panel per worker: a worker's index can reach num_workers(n_tasks) - 1.
+        var scratch = List[Scalar[dtype]](length=num_workers(n_tasks) * panel, fill=0)
+        var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
 
         def task(t: Int, wk: Int) {var ws, var hs, var w, var perm, var rw, var offsets, var cp, var n_tiles, var H, var I, var sp, var panel, var ep, var nkb, var kb_rows, var S, var pp, var n_stream_tasks}:
             if t < n_stream_tasks:
@@ -790,7 +794,7 @@ def down_cpu[
                 _dn_outer_cols[dtype, 1, 1](ws, hs, w_e, perm, rw, scr, r0, r1, n, H, I)
                 n += 1
 
-        run_dynamic(task, n_stream_tasks + n_chunks * n_tiles)
+        run_dynamic(task, n_tasks)
 
         def finish(i: Int, wk: Int) {var ws, var perm, var rw, var offsets, var ep, var nkb, var S, var H, var pp}:
             """Sum the k-blocks of one streamed expert's rows, round, weight, un-permute."""
