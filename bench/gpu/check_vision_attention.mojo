@@ -1,10 +1,12 @@
-# GPU check of the vision varlen attention (mojo_kernels/vision/varlen_attention.mojo):
+# GPU check of the vision varlen attention (mojo_kernels/attention/varlen_attention.mojo):
 # the exact launch the MAX custom op "varlen_attention" makes (varlen_attention_gpu).
 #
 # Configs:
 #   * real shape: 4 segments x 1024 patches (4 images of 32x32), 16 heads x 72, bf16 and f32;
 #   * ragged: segments [1, 129, 64, 300, 7, 1], 3 heads, head_dim 40 (padded head-dim
-#     bucket, length-1 segments, partial blocks), f32.
+#     bucket, length-1 segments, partial blocks), f32;
+#   * text prefill: causal, grouped-query (16 heads over 4 kv heads x 128), segments
+#     [512, 1, 200], bf16 and f32 (FLOPs counted as if bidirectional).
 # Inputs are random (hash-based, uniform in [-1, 1) times a scale, never zero). The
 # reference is computed on the host in float64 from the same (dtype-rounded) inputs for
 # a subset of query rows (all heads); the check prints max |out - ref| / max |ref|
@@ -15,7 +17,7 @@
 from max.gpu.host import DeviceContext
 from std.math import exp
 
-from vision.varlen_attention import varlen_attention_gpu
+from attention.varlen_attention import varlen_attention_gpu
 
 comptime WARMUP = 3
 comptime ITERS = 20
@@ -45,8 +47,8 @@ struct Result(Copyable, Movable):
         self.tflops = tflops
 
 
-def run_config[dtype: DType](ctx: DeviceContext, name: String, lens: List[Int], H: Int, D: Int,
-                             ref_stride: Int) raises -> Result:
+def run_config[dtype: DType, causal: Bool = False](ctx: DeviceContext, name: String, lens: List[Int], H: Int,
+                                                  D: Int, ref_stride: Int, HKV: Int = -1) raises -> Result:
     var S = len(lens)
     var N = 0
     var cu_h = List[Int](length=S + 1, fill=0)
@@ -54,27 +56,31 @@ def run_config[dtype: DType](ctx: DeviceContext, name: String, lens: List[Int], 
         N += lens[s]
         cu_h[s + 1] = N
     var n_el = N * H * D
-    print("==", name, ": N", N, "segments", S, "heads", H, "head_dim", D)
+    var kvh = H if HKV < 0 else HKV
+    var group = H // kvh
+    var n_kv = N * kvh * D
+    print("==", name, ": N", N, "segments", S, "heads", H, "kv heads", kvh, "head_dim", D, "causal", causal)
     var scale = 1.0 / Float64(D) ** 0.5
 
     var q_b = ctx.enqueue_create_buffer[dtype](n_el)
-    var k_b = ctx.enqueue_create_buffer[dtype](n_el)
-    var v_b = ctx.enqueue_create_buffer[dtype](n_el)
+    var k_b = ctx.enqueue_create_buffer[dtype](n_kv)
+    var v_b = ctx.enqueue_create_buffer[dtype](n_kv)
     var o_b = ctx.enqueue_create_buffer[dtype](n_el)
     var cu_b = ctx.enqueue_create_buffer[DType.int32](S + 1)
     # host copies of the (dtype-rounded) inputs for the reference
     var qh = List[Float64](length=n_el, fill=0)
-    var kh = List[Float64](length=n_el, fill=0)
-    var vh = List[Float64](length=n_el, fill=0)
+    var kh = List[Float64](length=n_kv, fill=0)
+    var vh = List[Float64](length=n_kv, fill=0)
     with q_b.map_to_host() as hq, k_b.map_to_host() as hk, v_b.map_to_host() as hv:
         for i in range(n_el):
             var a = (2.0 * hval(i, 1)).cast[dtype]()
+            hq[i] = a
+            qh[i] = Float64(a.cast[DType.float32]())
+        for i in range(n_kv):
             var b = (2.0 * hval(i, 2)).cast[dtype]()
             var c = hval(i, 3).cast[dtype]()
-            hq[i] = a
             hk[i] = b
             hv[i] = c
-            qh[i] = Float64(a.cast[DType.float32]())
             kh[i] = Float64(b.cast[DType.float32]())
             vh[i] = Float64(c.cast[DType.float32]())
     with cu_b.map_to_host() as hc:
@@ -91,8 +97,8 @@ def run_config[dtype: DType](ctx: DeviceContext, name: String, lens: List[Int], 
     var op = rebind[P](o_b.unsafe_ptr())
     var cp = rebind[Pointer[Int32, MutAnyOrigin]](cu_b.unsafe_ptr())
 
-    def run(c: DeviceContext) raises {var qp, var kp, var vp, var op, var cp, var N, var H, var D, var S, var scale}:
-        varlen_attention_gpu[dtype](qp, kp, vp, op, cp, N, H, D, S, scale, c)
+    def run(c: DeviceContext) raises {var qp, var kp, var vp, var op, var cp, var N, var H, var D, var S, var scale, var kvh}:
+        varlen_attention_gpu[dtype, causal](qp, kp, vp, op, cp, N, H, D, S, scale, c, kvh)
 
     run(ctx)
     ctx.synchronize()
@@ -106,23 +112,25 @@ def run_config[dtype: DType](ctx: DeviceContext, name: String, lens: List[Int], 
             var s1 = cu_h[s + 1]
             var i = s0
             while i < s1:
+                var kend = i + 1 if causal else s1
                 for h in range(H):
-                    var sc = List[Float64](length=s1 - s0, fill=0)
+                    var g = h // group
+                    var sc = List[Float64](length=kend - s0, fill=0)
                     var mx = Float64(-1e300)
-                    for j in range(s0, s1):
+                    for j in range(s0, kend):
                         var acc = Float64(0)
                         for d in range(D):
-                            acc += qh[(i * H + h) * D + d] * kh[(j * H + h) * D + d]
+                            acc += qh[(i * H + h) * D + d] * kh[(j * kvh + g) * D + d]
                         sc[j - s0] = acc * scale
                         mx = max(mx, acc * scale)
                     var den = Float64(0)
-                    for j in range(s1 - s0):
+                    for j in range(kend - s0):
                         sc[j] = exp(sc[j] - mx)
                         den += sc[j]
                     for d in range(D):
                         var num = Float64(0)
-                        for j in range(s0, s1):
-                            num += sc[j - s0] * vh[(j * H + h) * D + d]
+                        for j in range(s0, kend):
+                            num += sc[j - s0] * vh[(j * kvh + g) * D + d]
                         var r = num / den
                         var g = Float64(ho[(i * H + h) * D + d].cast[DType.float32]())
                         max_err = max(max_err, abs(g - r))
@@ -175,8 +183,14 @@ def main() raises:
     results.append(run_config[DType.bfloat16](ctx, "bf16 4x1024 16x72", real, 16, 72, 61))
     results.append(run_config[DType.float32](ctx, "f32 4x1024 16x72", real, 16, 72, 61))
     results.append(run_config[DType.float32](ctx, "f32 ragged 3x40", ragged, 3, 40, 5))
+    var text = List[Int]()
+    text.append(512)
+    text.append(1)
+    text.append(200)
+    results.append(run_config[DType.bfloat16, True](ctx, "bf16 causal 16/4x128", text, 16, 128, 7, 4))
+    results.append(run_config[DType.float32, True](ctx, "f32 causal 16/4x128", text, 16, 128, 7, 4))
     print("== summary ==")
-    print("check_vision_attention (varlen, bidirectional; FLOPs = 4 * sum L^2 * heads * head_dim)")
+    print("check_vision_attention (varlen; bidirectional, and causal GQA for text; FLOPs = 4 * sum L^2 * heads * head_dim)")
     print("config              | result | rel err | time us | TFLOP/s")
     var all_ok = True
     for r in results:

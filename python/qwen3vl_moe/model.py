@@ -9,11 +9,15 @@ expert layout is checked rather than assumed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any, ClassVar
 
 from max import tree
 from max.driver import Buffer
+from max.graph import Graph
+from max.graph import Module as GraphModule
 from max.graph.weights import WeightData
 from max.nn.layer import Module
 from max.pipelines.architectures.qwen3vl_moe import model as _builtin
@@ -22,6 +26,7 @@ from max.pipelines.architectures.qwen3vl_moe.model import Qwen3VLInputs
 from max.pipelines.lib import ModelInputs, ModelOutputs
 from max.pipelines.lib.graph_specs import GraphRole, GraphSpec
 
+from .cpu_threads import lower_cpu_worker_priority
 from .kernels import kernel_package
 from .model_config import Qwen3VLConfig
 from .nn.text_decoder import Qwen3VLTextDecoder
@@ -31,6 +36,28 @@ from .weight_adapters import checkpoint_expert_layout, convert_qwen3vl_model_sta
 __all__ = ["Qwen3VLInputs", "Qwen3VLModel"]
 
 _COMPILE_GROUP = "qwen3vl_moe"
+
+
+@dataclass(frozen=True)
+class _GroupMemberSpec(GraphSpec):
+    """A graph that also uses packages another graph of its group lists.
+
+    A graph is traced with its own extension list, but a group compiles with
+    the concatenation of its members' lists, where a package listed twice
+    fails ("kernel ... registered multiple times"). So a shared package is
+    listed by one member and named here, for tracing only, by the others.
+    """
+
+    listed_by_group: tuple[Path, ...] = ()
+
+    def trace(self, module: GraphModule | None = None) -> Graph:
+        return self.module.trace(
+            *self.input_types,
+            name=self.name,
+            module=module,
+            custom_extensions=(*self.custom_extensions, *self.listed_by_group),
+            is_device_graph=self.is_device_graph,
+        )
 
 
 class Qwen3VLGraphs(Module):
@@ -49,6 +76,13 @@ class Qwen3VLModel(_builtin.Qwen3VLModel):
     """Qwen3-VL (MoE or dense) on MAX, CPU and GPU."""
 
     model_config_cls: ClassVar[type[Any]] = Qwen3VLConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if all(device.is_host for device in self.devices):
+            # MAX's spinning CPU workers otherwise steal time slices from the
+            # thread that drives each step (see cpu_threads).
+            lower_cpu_worker_priority()
 
     @cached_property
     def signal_buffers(self) -> list[Buffer]:
@@ -102,15 +136,16 @@ class Qwen3VLModel(_builtin.Qwen3VLModel):
                 tuple(tree.leaves(vision.input_tree())),
                 weights=self._vision_weights_dict,
                 group=_COMPILE_GROUP,
-                custom_extensions=(kernel_package("vision"),),
+                custom_extensions=(kernel_package("vision"), kernel_package("attention")),
             ),
-            GraphRole.DECODER: GraphSpec(
+            GraphRole.DECODER: _GroupMemberSpec(
                 decoder,
                 "qwen3vl_language",
                 tuple(tree.leaves(decoder.input_tree(self.kv_params))),
                 weights=self._language_weights_dict,
                 group=_COMPILE_GROUP,
                 custom_extensions=(kernel_package("text"),),
+                listed_by_group=(kernel_package("attention"),),
             ),
         }
 

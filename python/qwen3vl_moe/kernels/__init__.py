@@ -25,7 +25,7 @@ def kernels_root() -> Path:
 
 
 def kernel_package(name: str) -> Path:
-    """Path of one Mojo package (``text`` or ``vision``) for ``custom_extensions``."""
+    """Path of one Mojo package (``text``, ``vision`` or ``attention``) for ``custom_extensions``."""
     path = kernels_root() / name
     if not (path / "__init__.mojo").is_file():
         raise FileNotFoundError(f"Mojo package {path} has no __init__.mojo")

@@ -1,11 +1,11 @@
-"""Graph wrappers for the vision-encoder Mojo ops in ``mojo_kernels/vision``.
+"""Graph wrapper for the vision-encoder Mojo op in ``mojo_kernels/vision``.
 
-A graph that calls these must list the package in ``custom_extensions``::
+A graph that calls it must list the package in ``custom_extensions``::
 
     from qwen3vl_moe.kernels import kernel_package
     Graph(..., custom_extensions=[kernel_package("vision")])
 
-(or a ``.mojoc`` precompiled from it). Both ops run on CPU and GPU; the device
+(or a ``.mojoc`` precompiled from it). The op runs on CPU and GPU; the device
 is the device of the first input.
 """
 
@@ -17,52 +17,9 @@ from max.dtype import DType
 from max.graph import Dim, TensorType, TensorValue, ops
 from max.graph import DimLike
 
-__all__ = ["varlen_attention", "bilinear_pos_embed"]
+__all__ = ["bilinear_pos_embed"]
 
 _fresh = itertools.count()
-
-
-def varlen_attention(
-    q: TensorValue,
-    k: TensorValue,
-    v: TensorValue,
-    cu_seqlens: TensorValue,
-    *,
-    scale: float,
-) -> TensorValue:
-    """Bidirectional attention inside the segments given by ``cu_seqlens``.
-
-    ``out[i, h] = softmax_j(scale * q[i, h] . k[j, h]) @ v[j, h]`` over the keys
-    ``j`` of the segment that holds row ``i`` (no mask inside a segment, nothing
-    across segments), flash-style with float32 accumulation.
-
-    Args:
-        q, k, v: ``[N, heads, head_dim]``, float32 or bfloat16 (same dtype),
-            ``head_dim <= 128``.
-        cu_seqlens: ``[S + 1]`` segment boundaries, ``0 = c[0] <= ... <= c[S] = N``
-            (transformers' ``get_vision_cu_seqlens``). int32; any other integer
-            dtype is cast to int32 in the graph.
-        scale: softmax scale (``head_dim ** -0.5`` for Qwen3-VL). A compile-time
-            parameter: each distinct value is a separate kernel instantiation.
-
-    Returns:
-        ``[N, heads, head_dim]`` in the dtype of ``q``.
-    """
-    if q.dtype not in (DType.float32, DType.bfloat16):
-        raise TypeError(f"varlen_attention: q must be float32 or bfloat16, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError("varlen_attention: q, k and v must have the same dtype")
-    if q.rank != 3 or k.rank != 3 or v.rank != 3 or cu_seqlens.rank != 1:
-        raise ValueError("varlen_attention: q, k, v must be [N, heads, head_dim], cu_seqlens [S+1]")
-    if cu_seqlens.dtype != DType.int32:
-        cu_seqlens = ops.cast(cu_seqlens, DType.int32)
-    return ops.custom(
-        "varlen_attention",
-        device=q.device,
-        values=[q, k, v, cu_seqlens],
-        out_types=[TensorType(q.dtype, q.shape, q.device)],
-        parameters={"scale": float(scale)},
-    )[0].tensor
 
 
 def bilinear_pos_embed(

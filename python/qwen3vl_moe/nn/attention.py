@@ -1,15 +1,24 @@
-"""Text self-attention: q/k RMSNorm per head, MRoPE, GQA over MAX's paged KV cache."""
+"""Text self-attention: q/k RMSNorm per head, MRoPE, GQA over MAX's paged KV cache.
+
+Every step writes k/v to the paged cache. On CPU, a step whose sequences all
+start from an empty cache (a fresh prefill) attends with this package's causal
+varlen kernel over the step's own k/v (no cache reads, 2x+ MAX's CPU
+flash_attention_ragged at 512 tokens); any other step (decode, or a prefill
+after a cached prefix) uses flash_attention_ragged over the cache. On GPU the
+latter always.
+"""
 
 from __future__ import annotations
 
 from max.dtype import DType
-from max.graph import DeviceRef, TensorValue, ops
+from max.graph import DeviceRef, TensorType, TensorValue, ops
 from max.nn.attention import MHAMaskVariant
 from max.nn.kernels import flash_attention_ragged, store_k_cache_ragged, store_v_cache_ragged
 from max.nn.kv_cache import KVCacheParams, PagedCacheValues
 from max.nn.layer import Module
 from max.nn.norm import RMSNorm
 
+from ..kernels.attention import varlen_attention
 from .linear import StreamingLinear
 from .rotary import apply_rotary
 
@@ -48,20 +57,35 @@ class TextAttention(Module):
         cos: TensorValue,
         sin: TensorValue,
         input_row_offsets: TensorValue,
+        fresh_prefill: TensorValue | None = None,
     ) -> TensorValue:
+        """``fresh_prefill``: scalar bool (CPU), true when no sequence has cached tokens."""
         q = self.q_norm(ops.reshape(self.q_proj(x), [-1, self.num_heads, self.head_dim]))
         k = self.k_norm(ops.reshape(self.k_proj(x), [-1, self.num_kv_heads, self.head_dim]))
         v = ops.reshape(self.v_proj(x), [-1, self.num_kv_heads, self.head_dim])
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         store_k_cache_ragged(kv_collection, k, input_row_offsets, layer_idx)
         store_v_cache_ragged(kv_collection, v, input_row_offsets, layer_idx)
-        out = flash_attention_ragged(
-            self.kv_params,
-            input=q,
-            input_row_offsets=input_row_offsets,
-            kv_collection=kv_collection,
-            layer_idx=layer_idx,
-            mask_variant=MHAMaskVariant.CAUSAL_MASK,
-            scale=self.head_dim**-0.5,
-        )
+        scale = self.head_dim**-0.5
+
+        def over_cache() -> TensorValue:
+            return flash_attention_ragged(
+                self.kv_params,
+                input=q,
+                input_row_offsets=input_row_offsets,
+                kv_collection=kv_collection,
+                layer_idx=layer_idx,
+                mask_variant=MHAMaskVariant.CAUSAL_MASK,
+                scale=scale,
+            )
+
+        if fresh_prefill is None:
+            out = over_cache()
+        else:
+            out = ops.cond(
+                fresh_prefill,
+                [TensorType(q.dtype, q.shape, q.device)],
+                lambda: varlen_attention(q, k, v, input_row_offsets, scale=scale, causal=True),
+                over_cache,
+            )[0]
         return self.o_proj(ops.reshape(out, [-1, self.num_heads * self.head_dim]))

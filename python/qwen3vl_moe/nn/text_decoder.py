@@ -44,8 +44,10 @@ class TextDecoderLayer(Module):
         self.input_layernorm = RMSNorm(hidden_size, dtype, eps, multiply_before_cast=False)
         self.post_attention_layernorm = RMSNorm(hidden_size, dtype, eps, multiply_before_cast=False)
 
-    def __call__(self, layer_idx, x, kv_collection, cos, sin, input_row_offsets) -> TensorValue:
-        h = x + self.self_attn(layer_idx, self.input_layernorm(x), kv_collection, cos, sin, input_row_offsets)
+    def __call__(self, layer_idx, x, kv_collection, cos, sin, input_row_offsets, fresh_prefill) -> TensorValue:
+        h = x + self.self_attn(
+            layer_idx, self.input_layernorm(x), kv_collection, cos, sin, input_row_offsets, fresh_prefill
+        )
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -157,6 +159,17 @@ class Qwen3VLTextDecoder(Module):
             is_device_graph=is_device_graph,
         )
 
+    def _fresh_prefill(self, kv_collection: PagedCacheValues) -> TensorValue | None:
+        """CPU: a scalar bool, true when every sequence of the step has an empty cache.
+
+        Such a step's attention needs only its own keys (see nn/attention). None
+        on GPU, where MAX's flash attention over the cache is used throughout.
+        """
+        if not self.devices[0].is_cpu():
+            return None
+        longest_cached = ops.max(kv_collection.cache_lengths, axis=0)
+        return ops.reshape(ops.equal(longest_cached, ops.constant(0, DType.uint32, DeviceRef.CPU())), [])
+
     def __call__(
         self,
         *,
@@ -172,9 +185,10 @@ class Qwen3VLTextDecoder(Module):
     ) -> tuple[TensorValue, ...]:
         h = merge_multimodal_embeddings(self.embed_tokens(tokens), image_embeddings, image_token_indices)
         cos, sin = self.rope.cos_sin(position_ids, self.devices[0])
+        fresh_prefill = self._fresh_prefill(kv_collection)
         for i, layer in enumerate(self.layers):
             layer_idx = ops.constant(i, DType.uint32, device=DeviceRef.CPU())
-            h = layer(layer_idx, h, kv_collection, cos, sin, input_row_offsets)
+            h = layer(layer_idx, h, kv_collection, cos, sin, input_row_offsets, fresh_prefill)
             if i < len(deepstack_embeddings):
                 # Deepstack: vision features of level i join the residual
                 # stream at the visual tokens after text layer i.

@@ -18,7 +18,8 @@ from max.nn import Linear
 from max.nn.layer import LayerList, Module
 from max.nn.norm import LayerNorm
 
-from ..kernels.vision import bilinear_pos_embed, varlen_attention
+from ..kernels.attention import varlen_attention
+from ..kernels.vision import bilinear_pos_embed
 
 LAYER_NORM_EPS = 1e-6  # hard-coded in transformers
 ROPE_THETA = 10000.0  # hard-coded in transformers

@@ -1,29 +1,34 @@
-"""Vision varlen attention: bidirectional softmax attention inside segments.
+"""Varlen attention: softmax attention inside segments, optionally causal, GQA.
 
-Formula (one head h, one segment [s0, s1) given by cu_seqlens):
+Formula (query head h, its key/value head g = h // (heads / kv_heads), one
+segment [s0, s1) given by cu_seqlens):
 
-    out[i, h, :] = sum_{j in [s0, s1)} softmax_j(scale * q[i, h, :] . k[j, h, :]) * v[j, h, :]
-                   for every i in [s0, s1)
+    out[i, h, :] = sum_{j in keys(i)} softmax_j(scale * q[i, h, :] . k[j, g, :]) * v[j, g, :]
+    keys(i) = [s0, s1)        bidirectional (the vision encoder)
+    keys(i) = [s0, i]         causal (the text decoder's prefill of fresh prompts)
 
 Shapes and dtypes:
-    q, k, v     [N, heads, head_dim]   float32 or bfloat16 (all the same dtype), contiguous
-    cu_seqlens  [S + 1]                int32, cu_seqlens[0] == 0, non-decreasing,
-                                       cu_seqlens[S] == N (same as transformers'
-                                       get_vision_cu_seqlens)
-    out         [N, heads, head_dim]   same dtype as q
-    scale       compile-time Float64 parameter (72 ** -0.5 for Qwen3-VL)
+    q, out      [N, heads, head_dim]      float32 or bfloat16, contiguous
+    k, v        [N, kv_heads, head_dim]   same dtype; kv_heads divides heads
+    cu_seqlens  [S + 1]                   int32, cu_seqlens[0] == 0, non-decreasing,
+                                          cu_seqlens[S] == N (transformers'
+                                          get_vision_cu_seqlens; for text the
+                                          ragged batch's row offsets)
+    scale       compile-time Float64 parameter (head_dim ** -0.5)
+    causal      compile-time Bool parameter
 
-No causal mask and no attention across segments; no dense mask is built.
-head_dim <= 128. Online (flash) softmax with float32 accumulation; bf16
-inputs are widened to float32 and the result is rounded to bf16 once.
+No attention across segments; no dense mask is built. head_dim <= 128.
+Online (flash) softmax with float32 accumulation; bf16 inputs are widened to
+float32 and the result is rounded to bf16 once.
 
 CPU path ("transposed" flash attention, everything vertical):
-    per work item (head, query block of BQ = 4 * simd_width queries):
+    per work item (head, query block of BQ = QV * simd_width queries; QV = 4, causal 2):
       Qt[d, i]  = q[i, h, d] * scale * log2(e)         (packed per item, f32)
-      per key block of BK keys:
-        St[j, i] = sum_d k[j, h, d] * Qt[d, i]          register tile RK keys x 4 vectors
+      per key block of BK keys (causal: only blocks up to the block's last query):
+        St[j, i] = sum_d k[j, g, d] * Qt[d, i]          register tile RK keys x QV vectors
+        causal, diagonal blocks only: St[j, i] = -inf where key j > query i
         online softmax over j per query lane (base-2 exponent, vertical max/sum)
-        Ot[d, i] = Ot[d, i] * alpha[i] + sum_j v[j, h, d] * Pt[j, i]   tile RD dims x 4 vectors
+        Ot[d, i] = Ot[d, i] * alpha[i] + sum_j v[j, g, d] * Pt[j, i]   tile RD dims x QV vectors
       out[i, h, d] = Ot[d, i] / l[i]
     parallelised over (head, query block) with `parallelize`.
 
@@ -37,7 +42,7 @@ from std.memory import stack_allocation, bitcast
 from std.memory.alloc import unsafe_alloc
 from std.collections import Array
 from std.sys import simd_width_of
-from std.math import exp2
+from std.math import exp2, iota
 from max.algorithm import parallelize
 from max.gpu import thread_idx, block_idx, barrier
 from max.gpu.memory import AddressSpace
@@ -52,10 +57,9 @@ comptime LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------- CPU
 comptime VW = simd_width_of[F32]()   # 16 with AVX-512, 8 with AVX2
-comptime QV = 4                      # query vectors per block
-comptime BQ = QV * VW                # queries per block (64 with AVX-512)
-comptime RK = 6                      # keys per QK register tile (RK * QV accumulators)
-comptime RD = 6                      # head dims per PV register tile
+comptime QV_FULL = 4                 # query vectors per block, bidirectional (BQ = 64 with AVX-512)
+comptime QV_CAUSAL = 3               # causal: narrower blocks (48 queries) waste less of the diagonal key block
+comptime ACC = 24                    # register-tile accumulators: RK = RD = ACC / QV keys / dims
 comptime BK = 96                     # keys per key block
 comptime MAX_HEAD_DIM = 128
 
@@ -78,8 +82,9 @@ def exp2_fast[w: Int](x: SIMD[F32, w]) -> SIMD[F32, w]:
 
 
 @always_inline
-def _qk_tile[R: Int](qt: FPtr, k: FPtr, ldk: Int, D: Int, st: FPtr):
+def _qk_tile[QV: Int, R: Int](qt: FPtr, k: FPtr, ldk: Int, D: Int, st: FPtr):
     """St[r, :] = sum_d k[r * ldk + d] * Qt[d, :] for r < R (BQ query lanes)."""
+    comptime BQ = QV * VW
     var acc = Array[SIMD[F32, VW], R * QV](fill=SIMD[F32, VW](0))
     for d in range(D):
         var qv = Array[SIMD[F32, VW], QV](fill=SIMD[F32, VW](0))
@@ -95,8 +100,9 @@ def _qk_tile[R: Int](qt: FPtr, k: FPtr, ldk: Int, D: Int, st: FPtr):
 
 
 @always_inline
-def _pv_tile[R: Int](pt: FPtr, v: FPtr, ldv: Int, bk: Int, ot: FPtr, alpha: FPtr):
+def _pv_tile[QV: Int, R: Int](pt: FPtr, v: FPtr, ldv: Int, bk: Int, ot: FPtr, alpha: FPtr):
     """Ot[r, :] = Ot[r, :] * alpha + sum_j v[j * ldv + r] * Pt[j, :] for r < R."""
+    comptime BQ = QV * VW
     var acc = Array[SIMD[F32, VW], R * QV](fill=SIMD[F32, VW](0))
     comptime for c in range(QV):
         var a = alpha.unsafe_load[width=VW](c * VW)
@@ -116,12 +122,25 @@ def _pv_tile[R: Int](pt: FPtr, v: FPtr, ldv: Int, bk: Int, ot: FPtr, alpha: FPtr
 
 
 @always_inline
-def _attend_block_cpu[dtype: DType](
+def _mask_future_keys[QV: Int](st: FPtr, bk: Int, first_masked: Int):
+    """St[j, i] = -inf where j > i + first_masked - 1, i.e. key kb + j after query q0 + i."""
+    comptime BQ = QV * VW
+    var lane = iota[F32, VW]()
+    comptime for c in range(QV):
+        var qi = lane + Float32(c * VW + first_masked)
+        for j in range(bk):
+            var x = st.unsafe_load[width=VW](j * BQ + c * VW)
+            st.unsafe_store(j * BQ + c * VW, (SIMD[F32, VW](Float32(j)).ge(qi)).select(SIMD[F32, VW](Float32.MIN), x))
+
+
+@always_inline
+def _attend_block_cpu[dtype: DType, causal: Bool, QV: Int](
     q: Pointer[Scalar[dtype], MutAnyOrigin],
     kp: FPtr,
     vp: FPtr,
     o: Pointer[Scalar[dtype], MutAnyOrigin],
     ld: Int,
+    ldkv: Int,
     D: Int,
     q0: Int,
     bq: Int,
@@ -129,7 +148,14 @@ def _attend_block_cpu[dtype: DType](
     k1: Int,
     qscale: Float32,
 ):
-    """One (head, query block): q/kp/vp/out already point at head h; row stride ld."""
+    """One (head, query block): q/out point at head h (row stride ld), kp/vp at its kv head (ldkv).
+
+    Keys [k0, k1); when causal, key blocks that reach past query q0 get the
+    future keys of each query lane masked. Blocks of QV vectors of queries.
+    """
+    comptime BQ = QV * VW
+    comptime RK = ACC // QV
+    comptime RD = ACC // QV
     var qt = rebind[FPtr](stack_allocation[MAX_HEAD_DIM * BQ, F32, alignment=64]())
     var ot = rebind[FPtr](stack_allocation[MAX_HEAD_DIM * BQ, F32, alignment=64]())
     var st = rebind[FPtr](stack_allocation[BK * BQ, F32, alignment=64]())
@@ -152,16 +178,20 @@ def _attend_block_cpu[dtype: DType](
 
     for kb in range(k0, k1, BK):
         var bk = min(BK, k1 - kb)
-        var kbase = kp.unsafe_offset(kb * ld)
-        var vbase = vp.unsafe_offset(kb * ld)
+        var kbase = kp.unsafe_offset(kb * ldkv)
+        var vbase = vp.unsafe_offset(kb * ldkv)
         # St = K_blk . Qt
         var nfull = bk // RK
         for t in range(nfull):
-            _qk_tile[RK](qt, kbase.unsafe_offset(t * RK * ld), ld, D, st.unsafe_offset(t * RK * BQ))
+            _qk_tile[QV, RK](qt, kbase.unsafe_offset(t * RK * ldkv), ldkv, D, st.unsafe_offset(t * RK * BQ))
         var rem = bk - nfull * RK
         comptime for r in range(1, RK):
             if rem == r:
-                _qk_tile[r](qt, kbase.unsafe_offset(nfull * RK * ld), ld, D, st.unsafe_offset(nfull * RK * BQ))
+                _qk_tile[QV, r](qt, kbase.unsafe_offset(nfull * RK * ldkv), ldkv, D, st.unsafe_offset(nfull * RK * BQ))
+        comptime if causal:
+            if kb + bk - 1 > q0:
+                # key kb + j is in the future of query q0 + i when j > i + (q0 - kb)
+                _mask_future_keys[QV](st, bk, q0 - kb + 1)
         # online softmax (vertical: one lane per query)
         var mloc = Array[SIMD[F32, VW], QV](fill=SIMD[F32, VW](Float32.MIN))
         for j in range(bk):
@@ -183,11 +213,11 @@ def _attend_block_cpu[dtype: DType](
         # Ot = Ot * alpha + V_blk^T . Pt
         var dfull = D // RD
         for t in range(dfull):
-            _pv_tile[RD](st, vbase.unsafe_offset(t * RD), ld, bk, ot.unsafe_offset(t * RD * BQ), ab)
+            _pv_tile[QV, RD](st, vbase.unsafe_offset(t * RD), ldkv, bk, ot.unsafe_offset(t * RD * BQ), ab)
         var drem = D - dfull * RD
         comptime for r in range(1, RD):
             if drem == r:
-                _pv_tile[r](st, vbase.unsafe_offset(dfull * RD), ld, bk, ot.unsafe_offset(dfull * RD * BQ), ab)
+                _pv_tile[QV, r](st, vbase.unsafe_offset(dfull * RD), ldkv, bk, ot.unsafe_offset(dfull * RD * BQ), ab)
 
     # normalise and write back (transpose)
     comptime for c in range(QV):
@@ -201,7 +231,7 @@ def _attend_block_cpu[dtype: DType](
             row[unsafe_offset=d] = ot[unsafe_offset=d * BQ + i].cast[dtype]()
 
 
-def varlen_attention_cpu[dtype: DType](
+def varlen_attention_cpu[dtype: DType, causal: Bool = False](
     q: Pointer[Scalar[dtype], MutAnyOrigin],
     k: Pointer[Scalar[dtype], MutAnyOrigin],
     v: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -212,12 +242,15 @@ def varlen_attention_cpu[dtype: DType](
     D: Int,
     S: Int,
     scale: Float64,
+    HKV: Int = -1,
 ) raises:
     """Host entry point of the CPU path (all pointers in host memory)."""
     if D < 1 or D > MAX_HEAD_DIM:
         raise Error("varlen_attention: head_dim must be in [1, 128]")
     if Int(cu[unsafe_offset=0]) != 0 or Int(cu[unsafe_offset=S]) != N:
         raise Error("varlen_attention: cu_seqlens must start at 0 and end at N")
+    comptime QV = QV_CAUSAL if causal else QV_FULL
+    comptime BQ = QV * VW
     # query blocks: (segment start, segment end, q0)
     var blk = List[Int]()
     for s in range(S):
@@ -232,8 +265,13 @@ def varlen_attention_cpu[dtype: DType](
     var nqb = len(blk) // 3
     if nqb == 0:
         return
+    var kvh = H if HKV < 0 else HKV
+    if kvh < 1 or H % kvh != 0:
+        raise Error("varlen_attention: kv heads must divide the query heads")
+    var group = H // kvh
     var bp = blk.unsafe_ptr()
     var ld = H * D
+    var ldkv = kvh * D
     var qscale = Float32(scale * LOG2E)
 
     # K and V in float32 (a widened copy for bf16; the inputs themselves for f32)
@@ -245,25 +283,30 @@ def varlen_attention_cpu[dtype: DType](
         vf = rebind[FPtr](v)
     else:
         owned = True
-        kf = rebind[FPtr](unsafe_alloc[Float32](N * ld, alignment=64))
-        vf = rebind[FPtr](unsafe_alloc[Float32](N * ld, alignment=64))
+        kf = rebind[FPtr](unsafe_alloc[Float32](N * ldkv, alignment=64))
+        vf = rebind[FPtr](unsafe_alloc[Float32](N * ldkv, alignment=64))
         var rows_per = 64
-        def widen(t: Int) {var k, var v, var kf, var vf, var N, var ld, var rows_per}:
+        def widen(t: Int) {var k, var v, var kf, var vf, var N, var ldkv, var rows_per}:
             var r0 = t * rows_per
             var r1 = min(N, r0 + rows_per)
-            for x in range(r0 * ld, r1 * ld):
+            for x in range(r0 * ldkv, r1 * ldkv):
                 kf[unsafe_offset=x] = k[unsafe_offset=x].cast[F32]()
                 vf[unsafe_offset=x] = v[unsafe_offset=x].cast[F32]()
         parallelize(widen, ceildiv(N, rows_per))
 
-    def work(item: Int) {var q, var kf, var vf, var o, var bp, var nqb, var ld, var D, var qscale}:
+    def work(item: Int) {var q, var kf, var vf, var o, var bp, var nqb, var ld, var ldkv, var group, var D, var qscale}:
         var h = item // nqb
         var b = item - h * nqb
         var s0 = bp[unsafe_offset=3 * b]
         var s1 = bp[unsafe_offset=3 * b + 1]
         var q0 = bp[unsafe_offset=3 * b + 2]
         var bq = min(BQ, s1 - q0)
-        _attend_block_cpu[dtype](q.unsafe_offset(h * D), kf.unsafe_offset(h * D), vf.unsafe_offset(h * D), o.unsafe_offset(h * D), ld, D, q0, bq, s0, s1, qscale)
+        var k1 = q0 + bq if causal else s1
+        var g = h // group
+        _attend_block_cpu[dtype, causal, QV](
+            q.unsafe_offset(h * D), kf.unsafe_offset(g * D), vf.unsafe_offset(g * D), o.unsafe_offset(h * D),
+            ld, ldkv, D, q0, bq, s0, k1, qscale,
+        )
 
     parallelize(work, nqb * H)
     _ = blk^
@@ -277,7 +320,7 @@ comptime BQG = 128   # queries (= threads) per block
 comptime BKG = 32    # keys per shared-memory tile
 
 
-def varlen_attention_gpu_kernel[dtype: DType, HD: Int](
+def varlen_attention_gpu_kernel[dtype: DType, HD: Int, causal: Bool](
     q: Pointer[Scalar[dtype], MutAnyOrigin],
     k: Pointer[Scalar[dtype], MutAnyOrigin],
     v: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -285,21 +328,26 @@ def varlen_attention_gpu_kernel[dtype: DType, HD: Int](
     cu: Pointer[Int32, MutAnyOrigin],
     S_arg: Int32,
     H_arg: Int32,
+    HKV_arg: Int32,
     D_arg: Int32,
     qscale: Float32,
 ):
     """Grid (query blocks upper bound, heads); block = BQG threads, one query each.
 
     Block x is the x-th query block when every segment is cut into blocks of
-    BQG rows (blocks past the last one return). K/V tiles of BKG keys are
-    widened to float32 in shared memory (HD >= head_dim columns, zero padded);
-    scores use base-2 exponents (q pre-scaled by scale * log2(e)).
+    BQG rows (blocks past the last one return). K/V tiles of BKG keys (kv head
+    h // (H / HKV)) are widened to float32 in shared memory (HD >= head_dim
+    columns, zero padded); scores use base-2 exponents (q pre-scaled by
+    scale * log2(e)). Causal: key tiles stop at the block's last query and
+    each thread masks the keys after its own row.
     """
     comptime HV = HD // 4
     var S = Int(S_arg)
     var H = Int(H_arg)
+    var HKV = Int(HKV_arg)
     var D = Int(D_arg)
     var h = Int(block_idx.y)
+    var g = h // (H // HKV)
     var b = Int(block_idx.x)
     var tid = Int(thread_idx.x)
     # locate this block's segment (uniform across the block)
@@ -336,8 +384,9 @@ def varlen_attention_gpu_kernel[dtype: DType, HD: Int](
     var m = Float32(-1.0e30)
     var l = Float32(0)
 
-    for kb in range(seg0, seg1, BKG):
-        var bk = min(BKG, seg1 - kb)
+    var kend = min(seg1, q0 + BQG) if causal else seg1
+    for kb in range(seg0, kend, BKG):
+        var bk = min(BKG, kend - kb)
         barrier()
         for x in range(tid, BKG * HD, BQG):
             var j = x // HD
@@ -345,9 +394,9 @@ def varlen_attention_gpu_kernel[dtype: DType, HD: Int](
             var kv = Float32(0)
             var vv = Float32(0)
             if j < bk and d < D:
-                var g = ((kb + j) * H + h) * D + d
-                kv = k[unsafe_offset=g].cast[F32]()
-                vv = v[unsafe_offset=g].cast[F32]()
+                var x_kv = ((kb + j) * HKV + g) * D + d
+                kv = k[unsafe_offset=x_kv].cast[F32]()
+                vv = v[unsafe_offset=x_kv].cast[F32]()
             ks[unsafe_offset=x] = kv
             vs[unsafe_offset=x] = vv
         barrier()
@@ -358,7 +407,10 @@ def varlen_attention_gpu_kernel[dtype: DType, HD: Int](
             comptime for c in range(HV):
                 dot = qr[c].fma(ks.unsafe_load[width=4, alignment=16](j * HD + c * 4), dot)
             var sj = dot.reduce_add()
-            if j >= bk:
+            var masked = j >= bk
+            comptime if causal:
+                masked = masked or kb + j > i
+            if masked:
                 sj = Float32(-1.0e30)
             sc[j] = sj
             mt = max(mt, sj)
@@ -368,7 +420,10 @@ def varlen_attention_gpu_kernel[dtype: DType, HD: Int](
             acc[c] = acc[c] * alpha
         comptime for j in range(BKG):
             var p = exp2(sc[j] - mt)
-            if j >= bk:
+            var masked = j >= bk
+            comptime if causal:
+                masked = masked or kb + j > i
+            if masked:
                 p = 0
             l += p
             comptime for c in range(HV):
@@ -387,7 +442,7 @@ def varlen_attention_gpu_kernel[dtype: DType, HD: Int](
 comptime GPU_HEAD_DIMS = (32, 64, 72, 96, 128)
 
 
-def varlen_attention_gpu[dtype: DType](
+def varlen_attention_gpu[dtype: DType, causal: Bool = False](
     q: Pointer[Scalar[dtype], MutAnyOrigin],
     k: Pointer[Scalar[dtype], MutAnyOrigin],
     v: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -399,10 +454,14 @@ def varlen_attention_gpu[dtype: DType](
     S: Int,
     scale: Float64,
     ctx: DeviceContext,
+    HKV: Int = -1,
 ) raises:
     """Launch the GPU path (all pointers in device memory)."""
     if D < 1 or D > MAX_HEAD_DIM:
         raise Error("varlen_attention: head_dim must be in [1, 128]")
+    var kvh = H if HKV < 0 else HKV
+    if kvh < 1 or H % kvh != 0:
+        raise Error("varlen_attention: kv heads must divide the query heads")
     if N == 0 or S == 0 or H == 0:
         return
     var grid_x = N // BQG + S    # >= sum_s ceil(L_s / BQG)
@@ -411,8 +470,8 @@ def varlen_attention_gpu[dtype: DType](
         comptime HD = GPU_HEAD_DIMS[hd_i]
         comptime LO = 0 if hd_i == 0 else GPU_HEAD_DIMS[hd_i - 1]
         if D > LO and D <= HD:
-            ctx.enqueue_function[varlen_attention_gpu_kernel[dtype, HD]](
-                q, k, v, o, cu, Int32(S), Int32(H), Int32(D), qscale,
+            ctx.enqueue_function[varlen_attention_gpu_kernel[dtype, HD, causal]](
+                q, k, v, o, cu, Int32(S), Int32(H), Int32(kvh), Int32(D), qscale,
                 grid_dim=(grid_x, H), block_dim=BQG,
             )
 
@@ -420,10 +479,10 @@ def varlen_attention_gpu[dtype: DType](
 # ----------------------------------------------------------------------------- op
 @extensibility.register("varlen_attention")
 struct VarlenAttention:
-    """MAX custom op "varlen_attention"; `scale` is a compile-time parameter."""
+    """MAX custom op "varlen_attention"; `scale` and `causal` are compile-time parameters."""
 
     @staticmethod
-    def execute[target: StaticString, scale: Float64](
+    def execute[target: StaticString, scale: Float64, causal: Bool](
         output: OutputTensor[rank=3, ...],
         q: InputTensor[dtype=output.dtype, rank=3, ...],
         k: InputTensor[dtype=output.dtype, rank=3, ...],
@@ -434,21 +493,27 @@ struct VarlenAttention:
         var N = q.dim_size(0)
         var H = q.dim_size(1)
         var D = q.dim_size(2)
+        var HKV = k.dim_size(1)
         var S = cu_seqlens.dim_size(0) - 1
         if S < 0:
             raise Error("varlen_attention: cu_seqlens must have at least one entry")
         for r in range(3):
-            if k.dim_size(r) != q.dim_size(r) or v.dim_size(r) != q.dim_size(r) or output.dim_size(r) != q.dim_size(r):
-                raise Error("varlen_attention: q, k, v and the output must have the same shape")
-        # the kernels index raw pointers: require dense row-major [N, H, D]
+            if output.dim_size(r) != q.dim_size(r) or v.dim_size(r) != k.dim_size(r):
+                raise Error("varlen_attention: the output must match q, and v must match k")
+        if k.dim_size(0) != N or k.dim_size(2) != D or HKV < 1 or H % HKV != 0:
+            raise Error("varlen_attention: k and v must be [N, kv_heads, head_dim] with kv_heads dividing heads")
+        # the kernels index raw pointers: require dense row-major [N, heads, D]
         var qs = q.strides()
         var ks = k.strides()
         var vs = v.strides()
         var os = output.strides()
         comptime for r in range(3):
             var dense = 1 if r == 2 else (D if r == 1 else H * D)
-            if q.dim_size(r) > 1 and (qs[r] != dense or ks[r] != dense or vs[r] != dense or os[r] != dense):
-                raise Error("varlen_attention: q, k, v and the output must be contiguous")
+            var dense_kv = 1 if r == 2 else (D if r == 1 else HKV * D)
+            if q.dim_size(r) > 1 and (qs[r] != dense or os[r] != dense):
+                raise Error("varlen_attention: q and the output must be contiguous")
+            if k.dim_size(r) > 1 and (ks[r] != dense_kv or vs[r] != dense_kv):
+                raise Error("varlen_attention: k and v must be contiguous")
         comptime dtype = output.dtype
         var qp = rebind[Pointer[Scalar[dtype], MutAnyOrigin]](q.unsafe_ptr())
         var kp = rebind[Pointer[Scalar[dtype], MutAnyOrigin]](k.unsafe_ptr())
@@ -456,6 +521,6 @@ struct VarlenAttention:
         var op = rebind[Pointer[Scalar[dtype], MutAnyOrigin]](output.unsafe_ptr())
         var cp = rebind[Pointer[Int32, MutAnyOrigin]](cu_seqlens.unsafe_ptr())
         comptime if target == "cpu":
-            varlen_attention_cpu[dtype](qp, kp, vp, op, cp, N, H, D, S, scale)
+            varlen_attention_cpu[dtype, causal](qp, kp, vp, op, cp, N, H, D, S, scale, HKV)
         else:
-            varlen_attention_gpu[dtype](qp, kp, vp, op, cp, N, H, D, S, scale, ctx)
+            varlen_attention_gpu[dtype, causal](qp, kp, vp, op, cp, N, H, D, S, scale, ctx, HKV)
