@@ -162,7 +162,7 @@ def bench_vision_attention(args) -> None:
     from max.graph import DeviceRef, Graph, TensorType
 
     from qwen3vl_moe.kernels import kernel_package
-    from qwen3vl_moe.kernels.vision import varlen_attention
+    from qwen3vl_moe.kernels.attention import varlen_attention
 
     S, L, H, D = 4, 1024, 16, 72
     N, scale = S * L, D**-0.5
@@ -172,7 +172,7 @@ def bench_vision_attention(args) -> None:
     ins = [TensorType(DType.float32, ["N", "H", "D"], dev)] * 3 + [TensorType(DType.int32, ["S1"], dev)]
     ins += [TensorType(DType.bfloat16, ["N2", "H2", "D2"], dev)] * 3 + [TensorType(DType.int32, ["S2"], dev)]
     t0 = time.perf_counter()
-    with Graph("bench_vision_attention", input_types=ins, custom_extensions=[kernel_package("vision")]) as g:
+    with Graph("bench_vision_attention", input_types=ins, custom_extensions=[kernel_package("attention")]) as g:
         q, k, v, cu, q2, k2, v2, cu2 = (x.tensor for x in g.inputs)
         g.output(varlen_attention(q, k, v, cu, scale=scale), varlen_attention(q2, k2, v2, cu2, scale=scale))
     model = InferenceSession(devices=[CPU()]).load(g)
