@@ -11,7 +11,11 @@ per-expert loop). Each side runs in its own worker subprocess (``--worker
 ours|hf``), so that its peak RSS (VmHWM at the end; ``ru_maxrss`` would
 inherit the driver's peak across fork + exec) is its own; both workers stay
 loaded and the driver hands them one timed call at a time, round-robin, so
-the load of other processes on the machine hits every contender alike. The transformers worker switches between the two
+the load of other processes on the machine hits every contender alike. While
+one worker is timed the others are stopped (SIGSTOP/SIGCONT): an idle worker
+is not idle (MAX's runtime polls from a thread, ~10-25% of a core; torch
+keeps threads too), and on two cores that alone slowed transformers by up to
+50% in a run before this was done. The transformers worker switches between the two
 experts implementations with ``model.set_experts_implementation`` (same
 weights, same process). Timings are medians over ``--repeats`` rounds after
 ``--warmup`` rounds.
@@ -52,6 +56,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -389,6 +394,15 @@ class Worker:
         self.proc.stdin.flush()
         return self._read()
 
+    def pause(self) -> None:
+        """Stops the process (POSIX) so that its runtime threads cannot slow a timed call elsewhere."""
+        if hasattr(signal, "SIGSTOP") and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if hasattr(signal, "SIGCONT") and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
     def close(self) -> dict[str, Any]:
         reply = self.call("exit")
         self.proc.stdin.close()
@@ -398,6 +412,7 @@ class Worker:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
+            self.resume()
             self.proc.kill()
             self.proc.wait()
 
@@ -647,7 +662,14 @@ def main(argv: list[str] | None = None) -> None:
             t_round = time.perf_counter()
             for bench, (op, kwargs) in benches.items():
                 for name, (worker, extra) in calls.items():
-                    out = worker.call(op, **kwargs, **extra)
+                    others = [w for w in workers.values() if w is not worker]
+                    for w in others:
+                        w.pause()
+                    try:
+                        out = worker.call(op, **kwargs, **extra)
+                    finally:
+                        for w in others:
+                            w.resume()
                     if r >= args.warmup:
                         raw[name][bench].append(out)
             print(f"  {label}: {time.perf_counter() - t_round:.1f} s  "
