@@ -6,16 +6,12 @@ kv heads, head_dim, segments), so every hypothesis example reuses one compiled
 model. Reference: torch SDPA per segment (``is_causal``, ``enable_gqa``), and
 float64 for the float32 accuracy bound.
 
-The GPU branches are compile-checked for sm_90 in a subprocess (MAX virtual
-device mode must be set before any device exists in the process).
+The GPU branches are compile-checked for sm_90 (see kernel_harness).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,38 +19,23 @@ import pytest
 
 torch = pytest.importorskip("torch")
 hyp = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 from max.dtype import DType  # noqa: E402
 from max.graph import DeviceRef, Graph, TensorType, ops  # noqa: E402
 
-from qwen3vl_moe.kernels import kernel_package  # noqa: E402
+from kernel_harness import (  # noqa: E402
+    GPU_COMPILE_FLAG, assert_gpu_compile, gpu_compile_main, hypothesis_settings, load_on_cpu, precompile,
+    run_numpy,
+)
 from qwen3vl_moe.kernels.attention import varlen_attention  # noqa: E402
 
 F32, BF16, I32 = DType.float32, DType.bfloat16, DType.int32
 SCALE = 72**-0.5          # one compile-time scale for every head_dim tested
-BUILD = Path(__file__).resolve().parents[1] / ".build"
 
-SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    derandomize=True,
-)
-
-
-def _precompile_attention() -> Path:
-    """Precompile the package once to a stable .mojoc (a new name = one cold compile)."""
-    out = BUILD / "attention_kernels.mojoc"
-    out.parent.mkdir(exist_ok=True)
-    mojo = Path(sys.executable).parent / "mojo"
-    # env=os.environ: importing max.pipelines setenv()s PYTHONEXECUTABLE to the pyenv
-    # shim at C level, which makes a plain child `mojo` miss the venv.
-    subprocess.run([str(mojo), "precompile", str(kernel_package("attention")), "-o", str(out)], check=True,
-                   env=dict(os.environ))
-    return out
+SETTINGS = hypothesis_settings()
 
 
 def _build_graph(dev: DeviceRef, ext: Path) -> Graph:
@@ -77,19 +58,12 @@ def _build_graph(dev: DeviceRef, ext: Path) -> Graph:
 
 @pytest.fixture(scope="module")
 def attention_model():
-    from max.driver import CPU
-    from max.engine import InferenceSession
-
-    ext = _precompile_attention()
-    session = InferenceSession(devices=[CPU()])
-    return session.load(_build_graph(DeviceRef.CPU(), ext))
+    return load_on_cpu(_build_graph, "attention")
 
 
 def _run(model, q, k, v, cu):
     """(bidirectional f32, bidirectional bf16, causal f32, causal bf16) outputs."""
-    from max.driver import Buffer
-
-    return [o.to_numpy() for o in model.execute(*[Buffer.from_numpy(np.ascontiguousarray(a)) for a in (q, k, v, cu)])]
+    return run_numpy(model, q, k, v, cu)
 
 
 def sdpa_ref(q, k, v, cu, scale, causal):
@@ -188,33 +162,11 @@ def test_varlen_attention_bad_inputs_raise(attention_model):
 
 
 # ----------------------------------------------------------------------------- GPU compile (sm_90)
-def _gpu_compile_main(api: str = "cuda", arch: str = "sm_90") -> None:
-    from max import driver
-
-    driver.set_virtual_device_api(api)
-    driver.set_virtual_device_target_arch(arch)
-    driver.set_virtual_device_count(1)
-    from max.driver import CPU, Accelerator
-    from max.engine import InferenceSession
-
-    gpu = Accelerator()
-    assert driver.is_virtual_device_mode()
-    ext = Path(sys.argv[2]) if len(sys.argv) > 2 else kernel_package("attention")
-    g = _build_graph(DeviceRef.GPU(), ext)
-    t0 = time.time()
-    InferenceSession(devices=[CPU(), gpu]).compile(g)   # compile only: load() needs a real GPU
-    print(f"OK: attention op compiled for {api}/{arch} in {time.time() - t0:.1f}s")
-
-
 @pytest.mark.slow
 def test_gpu_paths_compile_sm90():
     """All four variants (bidirectional/causal, f32/bf16) build for a virtual cuda/sm_90 device."""
-    ext = _precompile_attention()
-    r = subprocess.run([sys.executable, __file__, "--gpu-compile", str(ext)], capture_output=True,
-                       text=True, env=dict(os.environ), timeout=1200)
-    tail = (r.stdout + r.stderr)[-4000:]
-    assert r.returncode == 0 and "OK: attention op compiled" in r.stdout, tail
+    assert_gpu_compile(__file__, precompile("attention"))
 
 
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--gpu-compile":
-    _gpu_compile_main()
+if __name__ == "__main__" and sys.argv[1:2] == [GPU_COMPILE_FLAG]:
+    gpu_compile_main(_build_graph)

@@ -8,8 +8,6 @@ One graph with symbolic dims serves every case.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -19,11 +17,9 @@ from hypothesis import strategies as st
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, TensorType, ops
 
+from kernel_harness import precompile
 from qwen3vl_moe.kernels.linear import linear
 
-from test_kernels_moe import precompile_text_ops
-
-REPO = Path(__file__).resolve().parents[1]
 F32, BF16 = DType.float32, DType.bfloat16
 
 
@@ -32,7 +28,7 @@ def linear_model():
     from max.driver import CPU
     from max.engine import InferenceSession
 
-    pkg = precompile_text_ops(REPO / ".build" / "text_kernels.mojoc")
+    pkg = precompile("text")
     dev = DeviceRef.CPU()
     ins = [TensorType(F32, ["M", "K"], dev), TensorType(F32, ["N", "K"], dev)]
     with Graph("test_linear", input_types=ins, custom_extensions=[pkg]) as g:

@@ -9,8 +9,8 @@ model. References:
     float32 sum over k) -> max|y - ref| <= 1e-5 * max|ref|;
   * bfloat16: the same computation in torch bf16 on bf16-rounded inputs -> <= 2e-2;
   * once: transformers' own Qwen3VLMoeTextSparseMoeBlock (grouped_mm and eager).
-The GPU paths are compiled (not run) for a virtual cuda/sm_90 device in a subprocess
-(MAX's virtual-device mode must be set before any device exists in the process).
+The GPU paths are compiled (not run) for a virtual cuda/sm_90 device (see
+kernel_harness).
 
 Router logits are distinct multiples of 1/4 (exact in bf16), so the top-k never
 depends on rounding or tie-breaking.
@@ -18,7 +18,6 @@ depends on rounding or tie-breaking.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,24 +31,14 @@ from hypothesis import strategies as st
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, TensorType, ops
 
-from qwen3vl_moe.kernels import kernel_package
+from kernel_harness import GPU_COMPILE_FLAG, assert_gpu_compile, gpu_compile_main, precompile
 from qwen3vl_moe.kernels.moe import moe_experts, moe_route
 
-REPO = Path(__file__).resolve().parents[1]
 F32, BF16 = DType.float32, DType.bfloat16
 TOP_KS = (1, 3, 8)          # compile-time parameter of moe_route: one instantiation each
 MIN_E = max(TOP_KS)
 LAYOUTS = (True, False)     # weights_hub_layout
 N_OUT_PER_K = 4 + 2 * len(LAYOUTS)   # ids, weights, perm, offsets, then y f32 / y bf16 per layout
-
-
-def precompile_text_ops(out: Path) -> Path:
-    """`mojo precompile` the text package once (the file name is part of MAX's cache key)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    mojo = Path(sys.executable).parent / "mojo"
-    subprocess.run([str(mojo), "precompile", str(kernel_package("text")), "-o", str(out)],
-                   check=True, capture_output=True)
-    return out
 
 
 def build_moe_graph(dev: DeviceRef, pkg: Path, top_ks=TOP_KS) -> Graph:
@@ -85,7 +74,7 @@ def build_moe_graph(dev: DeviceRef, pkg: Path, top_ks=TOP_KS) -> Graph:
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def moe_pkg():
-    return precompile_text_ops(REPO / ".build" / "text_kernels.mojoc")
+    return precompile("text")
 
 
 @pytest.fixture(scope="module")
@@ -273,31 +262,11 @@ def test_moe_matches_transformers_block(moe_model):
             assert err <= 1e-5, f"{impl} hub={hub}: rel err {err:.2e}"
 
 
+@pytest.mark.slow
 def test_gpu_paths_compile_for_sm90():
     """Compile (not run) every MoE op's GPU path for a virtual cuda/sm_90 device."""
-    proc = subprocess.run([sys.executable, __file__, "--gpu-compile", "cuda", "sm_90"],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "GPU COMPILE OK" in proc.stdout
+    assert_gpu_compile(__file__, precompile("text"), timeout=900)
 
 
-def _gpu_compile_main(api: str, arch: str) -> None:
-    from max import driver
-
-    driver.set_virtual_device_api(api)
-    driver.set_virtual_device_target_arch(arch)
-    driver.set_virtual_device_count(1)     # before any device object exists
-    from max.driver import CPU, Accelerator
-    from max.engine import InferenceSession
-
-    gpu = Accelerator()
-    pkg = precompile_text_ops(REPO / ".build" / "text_kernels_gpu.mojoc")
-    graph = build_moe_graph(DeviceRef.GPU(), pkg, top_ks=(8,))
-    t0 = time.time()
-    InferenceSession(devices=[CPU(), gpu]).compile(graph)     # load() would need a real GPU
-    print(f"GPU COMPILE OK {api}/{arch} in {time.time() - t0:.1f}s")
-
-
-if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--gpu-compile":
-        _gpu_compile_main(*(sys.argv[2:4] if len(sys.argv) >= 4 else ("cuda", "sm_90")))
+if __name__ == "__main__" and sys.argv[1:2] == [GPU_COMPILE_FLAG]:
+    gpu_compile_main(lambda dev, pkg: build_moe_graph(dev, pkg, top_ks=(8,)))

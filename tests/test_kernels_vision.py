@@ -6,16 +6,12 @@ hypothesis example reuses one compiled model. Reference: transformers 5.12.1's
 own ``get_vision_bilinear_indices_and_weights`` + gather/weighted sum. (The
 encoder's attention op is tested in test_kernels_attention.py.)
 
-The GPU branches are compile-checked for sm_90 in a subprocess (MAX virtual
-device mode must be set before any device exists in the process).
+The GPU branch is compile-checked for sm_90 (see kernel_harness).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,37 +19,22 @@ import pytest
 
 torch = pytest.importorskip("torch")
 hyp = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from max.dtype import DType  # noqa: E402
 from max.graph import DeviceRef, Graph, TensorType, ops  # noqa: E402
 
-from qwen3vl_moe.kernels import kernel_package  # noqa: E402
+from kernel_harness import (  # noqa: E402
+    GPU_COMPILE_FLAG, assert_gpu_compile, gpu_compile_main, hypothesis_settings, load_on_cpu, precompile,
+    run_numpy,
+)
 from qwen3vl_moe.kernels.vision import bilinear_pos_embed  # noqa: E402
 
 F32, BF16, I64 = DType.float32, DType.bfloat16, DType.int64
 SIDE, MERGE = 48, 2       # Qwen3-VL: 2304 position embeddings, merge 2
-BUILD = Path(__file__).resolve().parents[1] / ".build"
 
-SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    derandomize=True,
-)
-
-
-def _precompile_vision() -> Path:
-    """Precompile the package once to a stable .mojoc (a new name = one cold compile)."""
-    out = BUILD / "vision_kernels.mojoc"
-    out.parent.mkdir(exist_ok=True)
-    mojo = Path(sys.executable).parent / "mojo"
-    # env=os.environ: importing max.pipelines setenv()s PYTHONEXECUTABLE to the pyenv
-    # shim at C level, which makes a plain child `mojo` miss the venv.
-    subprocess.run([str(mojo), "precompile", str(kernel_package("vision")), "-o", str(out)], check=True,
-                   env=dict(os.environ))
-    return out
+SETTINGS = hypothesis_settings()
 
 
 def _build_graph(dev: DeviceRef, ext: Path) -> Graph:
@@ -74,20 +55,12 @@ def _build_graph(dev: DeviceRef, ext: Path) -> Graph:
 
 @pytest.fixture(scope="module")
 def vision_model():
-    from max.driver import CPU
-    from max.engine import InferenceSession
-
-    ext = _precompile_vision()
-    session = InferenceSession(devices=[CPU()])
-    return session.load(_build_graph(DeviceRef.CPU(), ext))
+    return load_on_cpu(_build_graph, "vision")
 
 
 def _run(model, table, grid):
-    from max.driver import Buffer
-
     rows = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum()) if len(grid) else 0
-    args = (table, grid, np.zeros(rows, np.float32))
-    return [o.to_numpy() for o in model.execute(*[Buffer.from_numpy(np.ascontiguousarray(a)) for a in args])]
+    return run_numpy(model, table, grid, np.zeros(rows, np.float32))
 
 
 # ----------------------------------------------------------------------------- position embedding
@@ -137,33 +110,11 @@ def test_bilinear_pos_embed_bad_grid_raises(vision_model):
 
 
 # ----------------------------------------------------------------------------- GPU compile (sm_90)
-def _gpu_compile_main(api: str = "cuda", arch: str = "sm_90") -> None:
-    from max import driver
-
-    driver.set_virtual_device_api(api)
-    driver.set_virtual_device_target_arch(arch)
-    driver.set_virtual_device_count(1)
-    from max.driver import CPU, Accelerator
-    from max.engine import InferenceSession
-
-    gpu = Accelerator()
-    assert driver.is_virtual_device_mode()
-    ext = Path(sys.argv[2]) if len(sys.argv) > 2 else kernel_package("vision")
-    g = _build_graph(DeviceRef.GPU(), ext)
-    t0 = time.time()
-    InferenceSession(devices=[CPU(), gpu]).compile(g)   # compile only: load() needs a real GPU
-    print(f"OK: vision op compiled for {api}/{arch} in {time.time() - t0:.1f}s")
-
-
 @pytest.mark.slow
 def test_gpu_paths_compile_sm90():
-    """The op (f32 + bf16 tables) builds for a virtual cuda/sm_90 device via session.compile."""
-    ext = _precompile_vision()
-    r = subprocess.run([sys.executable, __file__, "--gpu-compile", str(ext)], capture_output=True,
-                       text=True, env=dict(os.environ), timeout=1200)
-    tail = (r.stdout + r.stderr)[-4000:]
-    assert r.returncode == 0 and "OK: vision op compiled" in r.stdout, tail
+    """The op (f32 + bf16 tables) builds for a virtual cuda/sm_90 device."""
+    assert_gpu_compile(__file__, precompile("vision"))
 
 
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--gpu-compile":
-    _gpu_compile_main()
+if __name__ == "__main__" and sys.argv[1:2] == [GPU_COMPILE_FLAG]:
+    gpu_compile_main(_build_graph)
