@@ -403,21 +403,36 @@ comptime STREAM_MAX_ROWS = 8   # experts with at most this many rows stream (hub
 comptime STREAM_TASKS = 16     # (expert, k-block) tasks to aim for per call
 
 
-def stream_experts(offsets: Pointer[Int32, MutAnyOrigin], E: Int) -> List[Int]:
-    """Experts with 1 ..< STREAM_MAX_ROWS + 1 sorted rows."""
-    var out = List[Int]()
-    for e in range(E):
-        var rows = Int(offsets[unsafe_offset=e + 1]) - Int(offsets[unsafe_offset=e])
-        if rows > 0 and rows <= STREAM_MAX_ROWS:
-            out.append(e)
-    return out^
+struct StreamPlan(Movable):
+    """The experts with 1 ..< STREAM_MAX_ROWS + 1 sorted rows and how their streams split.
 
+    Task t streams k-block t % nkb of expert experts[t // nkb]. Partial rows are
+    compact over the streamed rows only: row r of streamed expert i in k-block kb
+    is partial row kb * rows + base[i] + r (a buffer sized by all S rows would be
+    nkb * S rows, ~100 MB for one small expert in a 512-token prefill).
+    """
+    var experts: List[Int]
+    var base: List[Int]
+    var rows: Int       # streamed rows in all
+    var nkb: Int        # k-blocks per expert: enough tasks for every core, blocks >= 64 rows
+    var kb_rows: Int
 
-def stream_k_blocks(n_experts: Int, K: Int) -> Int:
-    """The k-blocks of each streaming expert: enough tasks to keep every core busy, blocks >= 64 rows."""
-    if n_experts == 0:
-        return 0
-    return max(1, min(ceildiv(STREAM_TASKS, n_experts), K // 64))
+    def __init__(out self, offsets: Pointer[Int32, MutAnyOrigin], E: Int, K: Int):
+        self.experts = List[Int]()
+        self.base = List[Int]()
+        self.rows = 0
+        for e in range(E):
+            var n = Int(offsets[unsafe_offset=e + 1]) - Int(offsets[unsafe_offset=e])
+            if n > 0 and n <= STREAM_MAX_ROWS:
+                self.experts.append(e)
+                self.base.append(self.rows)
+                self.rows += n
+        var n_experts = len(self.experts)
+        self.nkb = 0 if n_experts == 0 else max(1, min(ceildiv(STREAM_TASKS, n_experts), K // 64))
+        self.kb_rows = ceildiv(K, max(self.nkb, 1))
+
+    def n_tasks(self) -> Int:
+        return len(self.experts) * self.nkb
 
 
 @always_inline
@@ -633,15 +648,16 @@ def gate_up_cpu[
         var cp = chunks.unsafe_ptr()
         var n_tiles = ceildiv(I, NBW)
         var panel = panel_pairs_size(H, 2 * NBW)
-        var streams = stream_experts(offsets, E)
-        var n_streams = len(streams)
-        var ep = streams.unsafe_ptr()
-        var nkb = stream_k_blocks(n_streams, H)
-        var kb_rows = ceildiv(H, max(nkb, 1))
-        var S = Int(offsets[unsafe_offset=E])
-        var partials = List[Float32](length=nkb * S * 2 * I, fill=0)
+        var plan = StreamPlan(offsets, E, H)
+        var n_streams = len(plan.experts)
+        var ep = plan.experts.unsafe_ptr()
+        var bp = plan.base.unsafe_ptr()
+        var nkb = plan.nkb
+        var kb_rows = plan.kb_rows
+        var RS = plan.rows
+        var partials = List[Float32](length=nkb * RS * 2 * I, fill=0)
         var pp = partials.unsafe_ptr().as_unsafe_any_origin()
-        var n_stream_tasks = n_streams * nkb
+        var n_stream_tasks = plan.n_tasks()
         var n_tasks = n_stream_tasks + n_chunks * n_tiles
         # One packing panel per worker: a worker's index can reach num_workers(n_tasks) - 1.
         var scratch = List[Scalar[dtype]](length=num_workers(n_tasks) * panel, fill=0)
@@ -659,9 +675,10 @@ def gate_up_cpu[
             comptime SZ = size_of[dtype]()
             return NextPanel(Int(w.unsafe_offset(e * H * 2 * I + j)), I * SZ, 2 * I * SZ, 2, ceildiv(NBW * SZ, 64))
 
-        def task(t: Int, wk: Int, t_next: Int) {var h, var x, var w, var perm, var offsets, var cp, var n_tiles, var top_k, var H, var I, var sp, var panel, var ep, var nkb, var kb_rows, var S, var pp, var n_stream_tasks, var next_panel}:
+        def task(t: Int, wk: Int, t_next: Int) {var h, var x, var w, var perm, var offsets, var cp, var n_tiles, var top_k, var H, var I, var sp, var panel, var ep, var bp, var nkb, var kb_rows, var RS, var pp, var n_stream_tasks, var next_panel}:
             if t < n_stream_tasks:
                 var e = ep[unsafe_offset=t // nkb]
+                var b = bp[unsafe_offset=t // nkb]
                 var kb = t % nkb
                 var r0 = Int(offsets[unsafe_offset=e])
                 var n_rows = Int(offsets[unsafe_offset=e + 1]) - r0
@@ -670,7 +687,7 @@ def gate_up_cpu[
                     rows[i] = x.unsafe_offset((Int(perm[unsafe_offset=r0 + i]) // top_k) * H)
                 var k0 = kb * kb_rows
                 stream_task[dtype](
-                    pp.unsafe_offset((kb * S + r0) * 2 * I), rows, n_rows,
+                    pp.unsafe_offset((kb * RS + b) * 2 * I), rows, n_rows,
                     w.unsafe_offset(e * H * 2 * I), 2 * I, k0, min(k0 + kb_rows, H), 2 * I,
                 )
                 return
@@ -694,16 +711,18 @@ def gate_up_cpu[
 
         run_dynamic_ahead(task, n_tasks)
 
-        def finish(i: Int, wk: Int) {var h, var offsets, var ep, var nkb, var S, var I, var pp}:
+        def finish(i: Int, wk: Int) {var h, var offsets, var ep, var bp, var nkb, var RS, var I, var pp}:
             """Sum the k-blocks of one streamed expert's rows, then SwiGLU."""
             var e = ep[unsafe_offset=i]
-            for p in range(Int(offsets[unsafe_offset=e]), Int(offsets[unsafe_offset=e + 1])):
+            var r0 = Int(offsets[unsafe_offset=e])
+            for p in range(r0, Int(offsets[unsafe_offset=e + 1])):
+                var c = bp[unsafe_offset=i] + p - r0
                 var j = 0
                 while j + VEC <= I:
                     var g = SIMD[F32, VEC](0)
                     var u = SIMD[F32, VEC](0)
                     for kb in range(nkb):
-                        var row = pp.unsafe_offset((kb * S + p) * 2 * I)
+                        var row = pp.unsafe_offset((kb * RS + c) * 2 * I)
                         g += row.unsafe_load[width=VEC](j)
                         u += row.unsafe_load[width=VEC](I + j)
                     h.unsafe_store(p * I + j, swiglu[dtype](g, u).cast[dtype]())
@@ -712,7 +731,7 @@ def gate_up_cpu[
                     var g = SIMD[F32, 1](0)
                     var u = SIMD[F32, 1](0)
                     for kb in range(nkb):
-                        var row = pp.unsafe_offset((kb * S + p) * 2 * I)
+                        var row = pp.unsafe_offset((kb * RS + c) * 2 * I)
                         g += row[unsafe_offset=j]
                         u += row[unsafe_offset=I + j]
                     h[unsafe_offset=p * I + j] = swiglu[dtype](g, u).cast[dtype]()
@@ -721,7 +740,7 @@ def gate_up_cpu[
         run_dynamic(finish, n_streams)
         _ = scratch^
         _ = partials^
-        _ = streams^
+        _ = plan^
         _ = chunks^
     else:
         comptime NC = DOT_NC // 2
@@ -885,15 +904,16 @@ def down_cpu[
         var cp = chunks.unsafe_ptr()
         var n_tiles = ceildiv(H, NBW)
         var panel = panel_pairs_size(I, NBW)
-        var streams = stream_experts(offsets, E)
-        var n_streams = len(streams)
-        var ep = streams.unsafe_ptr()
-        var nkb = stream_k_blocks(n_streams, I)
-        var kb_rows = ceildiv(I, max(nkb, 1))
-        var S = Int(offsets[unsafe_offset=E])
-        var partials = List[Float32](length=nkb * S * H, fill=0)
+        var plan = StreamPlan(offsets, E, I)
+        var n_streams = len(plan.experts)
+        var ep = plan.experts.unsafe_ptr()
+        var bp = plan.base.unsafe_ptr()
+        var nkb = plan.nkb
+        var kb_rows = plan.kb_rows
+        var RS = plan.rows
+        var partials = List[Float32](length=nkb * RS * H, fill=0)
         var pp = partials.unsafe_ptr().as_unsafe_any_origin()
-        var n_stream_tasks = n_streams * nkb
+        var n_stream_tasks = plan.n_tasks()
         var n_tasks = n_stream_tasks + n_chunks * n_tiles
         # One packing panel per worker: a worker's index can reach num_workers(n_tasks) - 1.
         var scratch = List[Scalar[dtype]](length=num_workers(n_tasks) * panel, fill=0)
@@ -911,9 +931,10 @@ def down_cpu[
             comptime SZ = size_of[dtype]()
             return NextPanel(Int(w.unsafe_offset(e * I * H + n)), 0, H * SZ, 1, ceildiv(NBW * SZ, 64))
 
-        def task(t: Int, wk: Int, t_next: Int) {var ws, var hs, var w, var perm, var rw, var offsets, var cp, var n_tiles, var H, var I, var sp, var panel, var ep, var nkb, var kb_rows, var S, var pp, var n_stream_tasks, var next_panel}:
+        def task(t: Int, wk: Int, t_next: Int) {var ws, var hs, var w, var perm, var rw, var offsets, var cp, var n_tiles, var H, var I, var sp, var panel, var ep, var bp, var nkb, var kb_rows, var RS, var pp, var n_stream_tasks, var next_panel}:
             if t < n_stream_tasks:
                 var e = ep[unsafe_offset=t // nkb]
+                var b = bp[unsafe_offset=t // nkb]
                 var kb = t % nkb
                 var r0 = Int(offsets[unsafe_offset=e])
                 var n_rows = Int(offsets[unsafe_offset=e + 1]) - r0
@@ -922,7 +943,7 @@ def down_cpu[
                     rows[i] = hs.unsafe_offset((r0 + i) * I)
                 var k0 = kb * kb_rows
                 stream_task[dtype](
-                    pp.unsafe_offset((kb * S + r0) * H), rows, n_rows,
+                    pp.unsafe_offset((kb * RS + b) * H), rows, n_rows,
                     w.unsafe_offset(e * I * H), H, k0, min(k0 + kb_rows, I), H,
                 )
                 return
@@ -946,10 +967,12 @@ def down_cpu[
 
         run_dynamic_ahead(task, n_tasks)
 
-        def finish(i: Int, wk: Int) {var ws, var perm, var rw, var offsets, var ep, var nkb, var S, var H, var pp}:
+        def finish(i: Int, wk: Int) {var ws, var perm, var rw, var offsets, var ep, var bp, var nkb, var RS, var H, var pp}:
             """Sum the k-blocks of one streamed expert's rows, round, weight, un-permute."""
             var e = ep[unsafe_offset=i]
-            for p in range(Int(offsets[unsafe_offset=e]), Int(offsets[unsafe_offset=e + 1])):
+            var r0 = Int(offsets[unsafe_offset=e])
+            for p in range(r0, Int(offsets[unsafe_offset=e + 1])):
+                var c = bp[unsafe_offset=i] + p - r0
                 var slot = Int(perm[unsafe_offset=p])
                 var wt = rw[unsafe_offset=slot].cast[F32]()
                 var dst = ws.unsafe_offset(slot * H)
@@ -957,20 +980,20 @@ def down_cpu[
                 while n + VEC <= H:
                     var acc = SIMD[F32, VEC](0)
                     for kb in range(nkb):
-                        acc += pp.unsafe_load[width=VEC]((kb * S + p) * H + n)
+                        acc += pp.unsafe_load[width=VEC]((kb * RS + c) * H + n)
                     dst.unsafe_store(n, (round_to[dtype](acc) * wt).cast[dtype]())
                     n += VEC
                 while n < H:
                     var acc = SIMD[F32, 1](0)
                     for kb in range(nkb):
-                        acc += pp[unsafe_offset=(kb * S + p) * H + n]
+                        acc += pp[unsafe_offset=(kb * RS + c) * H + n]
                     dst[unsafe_offset=n] = (round_to[dtype](acc) * wt).cast[dtype]()
                     n += 1
 
         run_dynamic(finish, n_streams)
         _ = scratch^
         _ = partials^
-        _ = streams^
+        _ = plan^
         _ = chunks^
     else:
         comptime NC = DOT_NC
