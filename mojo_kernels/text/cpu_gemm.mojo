@@ -659,8 +659,9 @@ def gate_up_cpu[
         var pp = partials.unsafe_ptr().as_unsafe_any_origin()
         var n_stream_tasks = plan.n_tasks()
         var n_tasks = n_stream_tasks + n_chunks * n_tiles
-        # One packing panel per worker: a worker's index can reach num_workers(n_tasks) - 1.
-        var scratch = List[Scalar[dtype]](length=num_workers(n_tasks) * panel, fill=0)
+        # One packing panel per worker (a worker's index can reach num_workers(n_tasks) - 1);
+        # none when every expert streams (decode), where zero-filling it would cost ~1 MB a call.
+        var scratch = List[Scalar[dtype]](length=num_workers(n_tasks) * panel if n_chunks > 0 else 0, fill=0)
         var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
 
         def next_panel(t: Int) {var w, var cp, var n_tiles, var H, var I, var n_stream_tasks} -> NextPanel:
@@ -915,8 +916,9 @@ def down_cpu[
         var pp = partials.unsafe_ptr().as_unsafe_any_origin()
         var n_stream_tasks = plan.n_tasks()
         var n_tasks = n_stream_tasks + n_chunks * n_tiles
-        # One packing panel per worker: a worker's index can reach num_workers(n_tasks) - 1.
-        var scratch = List[Scalar[dtype]](length=num_workers(n_tasks) * panel, fill=0)
+        # One packing panel per worker (a worker's index can reach num_workers(n_tasks) - 1);
+        # none when every expert streams (decode), where zero-filling it would cost ~1 MB a call.
+        var scratch = List[Scalar[dtype]](length=num_workers(n_tasks) * panel if n_chunks > 0 else 0, fill=0)
         var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
 
         def next_panel(t: Int) {var w, var cp, var n_tiles, var H, var I, var n_stream_tasks} -> NextPanel:
