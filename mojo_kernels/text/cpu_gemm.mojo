@@ -72,8 +72,8 @@ def swiglu[dtype: DType](g: SIMD[F32, _], u: type_of(g)) -> type_of(g):
 struct NextPanel(ImplicitlyCopyable):
     """Where the weight panel of a worker's next task lies, to prefetch while computing.
 
-    Rows phase, phase + period, ... of `groups` column groups of `cols` elements
-    at base + g * group_stride + row * ld; `period` = 0 means nothing to fetch.
+    Rows phase, phase + period, ... of `groups` column groups of `lines` cache
+    lines at base + g * group_stride + row * ld; `groups` = 0 means nothing to fetch.
     """
     var base: Int          # address of row 0, group 0
     var group_stride: Int  # bytes between groups
@@ -308,23 +308,11 @@ def run_dynamic[F: def(Int, Int) -> None](func: F, n: Int):
     """Run func(task, worker) for task in 0 ..< n on num_workers(n) workers, each pulling
     the next task from a shared atomic counter (load balance across unequal tasks, and
     robust to a core being taken by another process; `parallelize` splits statically)."""
-    if n <= 0:
-        return
-    var workers = num_workers(n)
-    if workers == 1:
-        for i in range(n):
-            func(i, 0)
-        return
-    var counter = Atomic[Int64](0)
 
-    def worker(w: Int) {ref counter, ref func, var n}:
-        while True:
-            var i = Int(counter.fetch_add(1))
-            if i >= n:
-                break
-            func(i, w)
+    def ignore_next(t: Int, w: Int, nxt: Int) {ref func}:
+        func(t, w)
 
-    parallelize(worker, workers, workers)
+    run_dynamic_ahead(ignore_next, n)
 
 
 def run_dynamic_ahead[F: def(Int, Int, Int) -> None](func: F, n: Int):
