@@ -263,8 +263,21 @@ class HFWorker:
             "attn_implementation": self.model.config._attn_implementation,
             "torch_threads": torch.get_num_threads(),
         }
+        if self.device == "cpu":
+            self.setup["torch_gemm_gflop_s"] = self._gemm_rate(dtype)
         self.dtype = dtype
         self.vision_inputs: tuple[Any, Any] | None = None
+
+    def _gemm_rate(self, dtype: Any, n: int = 1024) -> float:
+        """torch's n x n x n matmul rate in GFLOP/s (best of 10): transformers' compute ceiling here."""
+        a = self.torch.randn(n, n, dtype=dtype)
+        b = self.torch.randn(n, n, dtype=dtype)
+        best = math.inf
+        for _ in range(10):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        return 2 * n**3 / best / 1e9
 
     def sync(self) -> None:
         if self.device.startswith("cuda"):
@@ -585,8 +598,8 @@ def main(argv: list[str] | None = None) -> None:
         "args": {k: v for k, v in vars(args).items() if k not in ("worker", "spec")},
         "model_path": str(model_path), "encoding": encoding, "devices": args.devices,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg_start": os.getloadavg()},
+                    "cpu": cpu_description(), "cpu_count": os.cpu_count(),
+                    "python": platform.python_version(), "loadavg_start": os.getloadavg()},
         "versions": versions(),
         "config": {"text": {k: tc.get(k) for k in (
             "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -728,6 +741,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwrote {out} ({result['wall_s'] / 60:.1f} min; worker logs in {log_dir})")
 
 
+def cpu_description() -> dict[str, Any]:
+    """The host CPU as /proc/cpuinfo names it (x86 Linux), with its widest float32 vector ISA.
+
+    The vendor/family pair tells AMD Zen 4 (family 25: AVX-512 on 256-bit
+    units) from Zen 5 (family 26: full 512-bit units), which decides how far
+    AVX-512 kernels (MAX's) pull ahead of AVX2 ones (oneMKL picks those on AMD).
+    """
+    info: dict[str, Any] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info = {k: fields.get(k) for k in ("model name", "vendor_id", "cpu family", "model")}
+    flags = set(fields.get("flags", "").split())
+    info["vector_isa"] = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    return info
+
+
 def versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -820,6 +853,12 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> tuple[str, str]:
                              f"({comp[key]['compile_graphs_s']:.1f} s compile_graphs, "
                              f"{comp[key]['init_graphs_s']:.1f} s init_graphs)")
         notes.append("our pipeline, " + "; ".join(parts))
+    cpu = result["machine"].get("cpu") or {}
+    if cpu:
+        gemm = (result.get("hf_setup") or {}).get("torch_gemm_gflop_s")
+        notes.append(f"CPU: {cpu.get('model name')} ({cpu.get('vendor_id')} family {cpu.get('cpu family')} "
+                     f"model {cpu.get('model')}, {cpu.get('vector_isa')}) x {result['machine']['cpu_count']}"
+                     + (f"; torch float32 1024^3 matmul {gemm:.0f} GFLOP/s" if gemm else ""))
     notes.append(f"medians of {args.repeats} rounds after {args.warmup} warm-up; "
                  f"{result['param_count']:,} parameters; {result['devices']} {result['encoding']}; "
                  f"load average {result['machine']['loadavg_start'][0]:.1f} -> {result['machine']['loadavg_end'][0]:.1f}")
