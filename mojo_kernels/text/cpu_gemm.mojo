@@ -39,7 +39,6 @@ comptime DOT_NC = 6
 comptime DOT_COLS_PER_TASK = 48   # output columns per parallel task in the dot kernels
 comptime ROWS_PER_CHUNK = 96      # sorted rows per parallel task (multiple of 6 and 4)
 comptime PF_DIST = 16             # outer kernels: prefetch weight rows this many k ahead
-comptime NEXT_SPREAD = 2          # row tiles over which the next task's panel is prefetched
 
 
 @always_inline
@@ -69,84 +68,29 @@ def swiglu[dtype: DType](g: SIMD[F32, _], u: type_of(g)) -> type_of(g):
 
 
 # ----------------------------------------------------------------------------- micro-kernels
-struct NextPanel(ImplicitlyCopyable):
-    """Where the weight panel of a worker's next task lies, to prefetch while computing.
-
-    Rows phase, phase + period, ... of `groups` column groups of `lines` cache
-    lines at base + g * group_stride + row * ld; `groups` = 0 means nothing to fetch.
-    """
-    var base: Int          # address of row 0, group 0
-    var group_stride: Int  # bytes between groups
-    var ld: Int            # bytes between rows
-    var groups: Int
-    var lines: Int         # 64-byte lines per group row
-    var phase: Int
-    var period: Int
-
-    def __init__(out self):
-        self.base = 0
-        self.group_stride = 0
-        self.ld = 0
-        self.groups = 0
-        self.lines = 0
-        self.phase = 0
-        self.period = 0
-
-    def __init__(out self, base: Int, group_stride: Int, ld: Int, groups: Int, lines: Int):
-        self.base = base
-        self.group_stride = group_stride
-        self.ld = ld
-        self.groups = groups
-        self.lines = lines
-        self.phase = 0
-        self.period = 0
-
-    def spread(self, part: Int, parts: Int) -> NextPanel:
-        """The rows of part `part` when the panel is fetched over `parts` row tiles."""
-        var p = self
-        p.phase = part
-        p.period = parts
-        return p
-
-    @always_inline
-    def fetch_row(self, row: Int):
-        for g in range(self.groups):
-            var p = self.base + g * self.group_stride + row * self.ld
-            for c in range(self.lines):
-                prefetch(Pointer[UInt8, MutAnyOrigin](unsafe_from_address=p + 64 * c))
-
-
 @always_inline
 def outer_tile[
-    dtype: DType, MR: Int, NB: Int, NV: Int, VW: Int, PF: Bool = False, PFN: Bool = False
+    dtype: DType, MR: Int, NB: Int, NV: Int, VW: Int, PF: Bool = False
 ](
     a: Array[Pointer[Scalar[dtype], MutAnyOrigin], MR],
     b: Array[Pointer[Scalar[dtype], MutAnyOrigin], NB],
     ldb: Int,
     K: Int,
-    nxt: NextPanel = NextPanel(),
 ) -> Array[SIMD[F32, VW], MR * NB * NV]:
     """Outer-product tile: acc[r, g, v] = sum_k a[r][k] * b[g][k*ldb + v*VW ..< +VW]  (float32).
 
     PF: software-prefetch the weight rows PF_DIST steps ahead. The weight rows of a
     hub-layout panel are 2I or H elements apart, so every k touches new pages and the
     hardware prefetchers do not help; the first row tile of a panel streams it from DRAM.
-    PFN: prefetch rows nxt.phase, nxt.phase + nxt.period, ... of the next task's panel,
-    so that its DRAM reads overlap this tile's FMAs instead of following them.
     """
     comptime NBV = NB * NV
     comptime LINE = 64 // size_of[dtype]()
     var acc = Array[SIMD[F32, VW], MR * NBV](fill=0)
-    var due = nxt.phase
     for k in range(K):
         comptime if PF:
             comptime for g in range(NB):
                 comptime for c in range(0, NV * VW, LINE):
                     prefetch(b[g].unsafe_offset((k + PF_DIST) * ldb + c))
-        comptime if PFN:
-            if k == due:
-                nxt.fetch_row(k)
-                due += nxt.period
         var bv = Array[SIMD[F32, VW], NBV](fill=0)
         comptime for g in range(NB):
             comptime for v in range(NV):
@@ -308,32 +252,20 @@ def run_dynamic[F: def(Int, Int) -> None](func: F, n: Int):
     """Run func(task, worker) for task in 0 ..< n on num_workers(n) workers, each pulling
     the next task from a shared atomic counter (load balance across unequal tasks, and
     robust to a core being taken by another process; `parallelize` splits statically)."""
-
-    def ignore_next(t: Int, w: Int, nxt: Int) {ref func}:
-        func(t, w)
-
-    run_dynamic_ahead(ignore_next, n)
-
-
-def run_dynamic_ahead[F: def(Int, Int, Int) -> None](func: F, n: Int):
-    """run_dynamic, where each worker claims its next task before running the current
-    one: func(task, worker, next_task) with next_task = -1 when there is none, so the
-    task can prefetch what its successor on the same core will read."""
     if n <= 0:
         return
     var workers = num_workers(n)
     if workers == 1:
         for i in range(n):
-            func(i, 0, i + 1 if i + 1 < n else -1)
+            func(i, 0)
         return
     var counter = Atomic[Int64](0)
 
     def worker(w: Int) {ref counter, ref func, var n}:
         var i = Int(counter.fetch_add(1))
         while i < n:
-            var nxt = Int(counter.fetch_add(1))
-            func(i, w, nxt if nxt < n else -1)
-            i = nxt
+            func(i, w)
+            i = Int(counter.fetch_add(1))
 
     parallelize(worker, workers, workers)
 
@@ -510,11 +442,9 @@ def _gu_outer_cols[
     perm: Pointer[Int32, MutAnyOrigin],
     scratch: Pointer[Scalar[dtype], MutAnyOrigin],
     r0: Int, r1: Int, j: Int, top_k: Int, H: Int, I: Int,
-    nxt: NextPanel = NextPanel(),
 ):
     """Columns: h[p, j ..< j+NV*VW] for sorted rows r0 ..< r1 (hub layout W[e] = [H, 2I]).
-    scratch: panel_pairs_size(H, 2*NV*VW) elements (the packed bf16 or dense panel).
-    nxt: the next task's panel, prefetched during the first NEXT_SPREAD row tiles."""
+    scratch: panel_pairs_size(H, 2*NV*VW) elements (the packed bf16 or dense panel)."""
     comptime MR = GU_MR
     comptime PACKED = dtype == BF16 and USE_DPBF16 and VW == 16
     var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 2](fill=w_e.unsafe_offset(j))
@@ -543,10 +473,7 @@ def _gu_outer_cols[
                 rebind[Array[Pointer[Scalar[BF16], MutAnyOrigin], MR]](a), pk, H)
             acc = rebind[Array[SIMD[F32, VW], MR * 2 * NV]](accd).copy()
         else:
-            var rt = (r - r0) // MR
-            if dense_panel and rt < NEXT_SPREAD and nxt.groups > 0:
-                acc = outer_tile[dtype, MR, 2, NV, VW, PFN=True](a, bd, 2 * NV * VW, H, nxt.spread(rt, NEXT_SPREAD))
-            elif dense_panel:
+            if dense_panel:
                 acc = outer_tile[dtype, MR, 2, NV, VW](a, bd, 2 * NV * VW, H)
             else:           # one row tile: stream the weight panel from memory
                 acc = outer_tile[dtype, MR, 2, NV, VW, True](a, b, 2 * I, H)
@@ -652,19 +579,7 @@ def gate_up_cpu[
         var scratch = List[Scalar[dtype]](length=num_workers(n_tasks) * panel if n_chunks > 0 else 0, fill=0)
         var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
 
-        def next_panel(t: Int) {var w, var cp, var n_tiles, var H, var I, var n_stream_tasks} -> NextPanel:
-            """The full-width weight panel task t reads (none for streams and tails)."""
-            var u = t - n_stream_tasks
-            if t < 0 or u < 0:
-                return NextPanel()
-            var j = (u % n_tiles) * NBW
-            if j + NBW > I:
-                return NextPanel()
-            var e = cp[unsafe_offset=3 * (u // n_tiles)]
-            comptime SZ = size_of[dtype]()
-            return NextPanel(Int(w.unsafe_offset(e * H * 2 * I + j)), I * SZ, 2 * I * SZ, 2, ceildiv(NBW * SZ, 64))
-
-        def task(t: Int, wk: Int, t_next: Int) {var h, var x, var w, var perm, var offsets, var cp, var n_tiles, var top_k, var H, var I, var sp, var panel, var ep, var bp, var nkb, var kb_rows, var RS, var pp, var n_stream_tasks, var next_panel}:
+        def task(t: Int, wk: Int) {var h, var x, var w, var perm, var offsets, var cp, var n_tiles, var top_k, var H, var I, var sp, var panel, var ep, var bp, var nkb, var kb_rows, var RS, var pp, var n_stream_tasks}:
             if t < n_stream_tasks:
                 var e = ep[unsafe_offset=t // nkb]
                 var b = bp[unsafe_offset=t // nkb]
@@ -689,7 +604,7 @@ def gate_up_cpu[
             var r1 = cp[unsafe_offset=3 * c + 2]
             var w_e = w.unsafe_offset(e * H * 2 * I)
             if j + NBW <= I:
-                _gu_outer_cols[dtype, GU_NV, VEC](h, x, w_e, perm, scr, r0, r1, j, top_k, H, I, next_panel(t_next))
+                _gu_outer_cols[dtype, GU_NV, VEC](h, x, w_e, perm, scr, r0, r1, j, top_k, H, I)
                 return
             while j + VEC <= I:
                 _gu_outer_cols[dtype, 1, VEC](h, x, w_e, perm, scr, r0, r1, j, top_k, H, I)
@@ -698,7 +613,7 @@ def gate_up_cpu[
                 _gu_outer_cols[dtype, 1, 1](h, x, w_e, perm, scr, r0, r1, j, top_k, H, I)
                 j += 1
 
-        run_dynamic_ahead(task, n_tasks)
+        run_dynamic(task, n_tasks)
 
         def finish(i: Int, wk: Int) {var h, var offsets, var ep, var bp, var nkb, var RS, var I, var pp}:
             """Sum the k-blocks of one streamed expert's rows, then SwiGLU."""
@@ -765,11 +680,9 @@ def _dn_outer_cols[
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
     scratch: Pointer[Scalar[dtype], MutAnyOrigin],
     r0: Int, r1: Int, n: Int, H: Int, I: Int,
-    nxt: NextPanel = NextPanel(),
 ):
     """Columns: ws[slot, n ..< n+NV*VW] = rw[slot] * (h[p] @ W[e])[n ...] (hub layout W[e] = [I, H]).
-    scratch: panel_pairs_size(I, NV*VW) elements (the packed bf16 or dense panel).
-    nxt: the next task's panel, prefetched during the first NEXT_SPREAD row tiles."""
+    scratch: panel_pairs_size(I, NV*VW) elements (the packed bf16 or dense panel)."""
     comptime MR = DN_MR
     comptime PACKED = dtype == BF16 and USE_DPBF16 and VW == 16
     var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], 1](fill=w_e.unsafe_offset(n))
@@ -794,10 +707,7 @@ def _dn_outer_cols[
                 rebind[Array[Pointer[Scalar[BF16], MutAnyOrigin], MR]](a), pk, I)
             acc = rebind[Array[SIMD[F32, VW], MR * NV]](accd).copy()
         else:
-            var rt = (r - r0) // MR
-            if dense_panel and rt < NEXT_SPREAD and nxt.groups > 0:
-                acc = outer_tile[dtype, MR, 1, NV, VW, PFN=True](a, bd, NV * VW, I, nxt.spread(rt, NEXT_SPREAD))
-            elif dense_panel:
+            if dense_panel:
                 acc = outer_tile[dtype, MR, 1, NV, VW](a, bd, NV * VW, I)
             else:           # one row tile: stream the weight panel from memory
                 acc = outer_tile[dtype, MR, 1, NV, VW, True](a, b, H, I)
@@ -909,19 +819,7 @@ def down_cpu[
         var scratch = List[Scalar[dtype]](length=num_workers(n_tasks) * panel if n_chunks > 0 else 0, fill=0)
         var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
 
-        def next_panel(t: Int) {var w, var cp, var n_tiles, var H, var I, var n_stream_tasks} -> NextPanel:
-            """The full-width weight panel task t reads (none for streams and tails)."""
-            var u = t - n_stream_tasks
-            if t < 0 or u < 0:
-                return NextPanel()
-            var n = (u % n_tiles) * NBW
-            if n + NBW > H:
-                return NextPanel()
-            var e = cp[unsafe_offset=3 * (u // n_tiles)]
-            comptime SZ = size_of[dtype]()
-            return NextPanel(Int(w.unsafe_offset(e * I * H + n)), 0, H * SZ, 1, ceildiv(NBW * SZ, 64))
-
-        def task(t: Int, wk: Int, t_next: Int) {var ws, var hs, var w, var perm, var rw, var offsets, var cp, var n_tiles, var H, var I, var sp, var panel, var ep, var bp, var nkb, var kb_rows, var RS, var pp, var n_stream_tasks, var next_panel}:
+        def task(t: Int, wk: Int) {var ws, var hs, var w, var perm, var rw, var offsets, var cp, var n_tiles, var H, var I, var sp, var panel, var ep, var bp, var nkb, var kb_rows, var RS, var pp, var n_stream_tasks}:
             if t < n_stream_tasks:
                 var e = ep[unsafe_offset=t // nkb]
                 var b = bp[unsafe_offset=t // nkb]
@@ -946,7 +844,7 @@ def down_cpu[
             var r1 = cp[unsafe_offset=3 * c + 2]
             var w_e = w.unsafe_offset(e * I * H)
             if n + NBW <= H:
-                _dn_outer_cols[dtype, DN_NV, VEC](ws, hs, w_e, perm, rw, scr, r0, r1, n, H, I, next_panel(t_next))
+                _dn_outer_cols[dtype, DN_NV, VEC](ws, hs, w_e, perm, rw, scr, r0, r1, n, H, I)
                 return
             while n + VEC <= H:
                 _dn_outer_cols[dtype, 1, VEC](ws, hs, w_e, perm, rw, scr, r0, r1, n, H, I)
@@ -955,7 +853,7 @@ def down_cpu[
                 _dn_outer_cols[dtype, 1, 1](ws, hs, w_e, perm, rw, scr, r0, r1, n, H, I)
                 n += 1
 
-        run_dynamic_ahead(task, n_tasks)
+        run_dynamic(task, n_tasks)
 
         def finish(i: Int, wk: Int) {var ws, var perm, var rw, var offsets, var ep, var bp, var nkb, var RS, var H, var pp}:
             """Sum the k-blocks of one streamed expert's rows, round, weight, un-permute."""
