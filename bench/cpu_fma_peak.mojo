@@ -4,8 +4,9 @@
 #
 # Puts the GEMM rates of bench/e2e.py in proportion: AMD Zen 4 runs AVX-512 on
 # 256-bit units (as fast per cycle as AVX2), Zen 5 has full 512-bit units
-# (twice AVX2), so AVX-512 kernels (MAX's) gain over AVX2 ones (oneMKL picks
-# those on AMD, hence torch's float32 matmul) only on the latter.
+# (twice AVX2), so AVX-512 kernels (MAX's) gain over 256-bit ones only on the
+# latter (torch's float32 matmul, oneMKL SGEMM, ran at about the 256-bit rate
+# on the Zen 5 measured; see docs/STATUS.md).
 from std.time import perf_counter_ns
 from std.sys import simd_width_of
 

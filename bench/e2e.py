@@ -746,7 +746,8 @@ def cpu_description() -> dict[str, Any]:
 
     The vendor/family pair tells AMD Zen 4 (family 25: AVX-512 on 256-bit
     units) from Zen 5 (family 26: full 512-bit units), which decides how far
-    AVX-512 kernels (MAX's) pull ahead of AVX2 ones (oneMKL picks those on AMD).
+    AVX-512 kernels (MAX's) pull ahead of 256-bit ones (torch's oneMKL SGEMM
+    runs at about the 256-bit rate on the Zen 5 measured; see docs/STATUS.md).
     """
     info: dict[str, Any] = {}
     try:
