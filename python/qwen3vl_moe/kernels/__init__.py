@@ -1,25 +1,28 @@
 """Mojo custom ops used by the graphs, and where their sources live.
 
-Each Mojo package under ``mojo_kernels/`` is listed in a graph's
+The Mojo packages (``attention``, ``text``, ``vision``) ship inside this
+Python package as ``qwen3vl_moe.mojo_kernels`` (the repository's top-level
+``mojo_kernels/``, mapped there by pyproject.toml), so an installed wheel
+compiles its graphs like a checkout does. Each package is listed in a graph's
 ``custom_extensions`` only when that graph uses it: a change to any op in a
 package recompiles every graph that lists the package.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 
-_REPO_KERNELS = Path(__file__).resolve().parents[3] / "mojo_kernels"
-
 
 def kernels_root() -> Path:
-    """The ``mojo_kernels`` directory (``$QWEN3VL_MOE_KERNELS`` overrides it)."""
-    root = Path(os.environ.get("QWEN3VL_MOE_KERNELS", _REPO_KERNELS))
+    """The directory holding the Mojo packages (``$QWEN3VL_MOE_KERNELS`` overrides it)."""
+    override = os.environ.get("QWEN3VL_MOE_KERNELS")
+    root = Path(override) if override else Path(str(importlib.resources.files("qwen3vl_moe.mojo_kernels")))
     if not root.is_dir():
         raise FileNotFoundError(
-            f"Mojo kernel sources not found at {root}; set QWEN3VL_MOE_KERNELS "
-            "to the repository's mojo_kernels directory"
+            f"Mojo kernel sources not found at {root}: the qwen3vl_moe install is incomplete "
+            "(reinstall it), or QWEN3VL_MOE_KERNELS points to the wrong place"
         )
     return root
 

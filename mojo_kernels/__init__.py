@@ -1,0 +1,1 @@
+"""Mojo kernel sources (one Mojo package per folder), shipped as package data."""
