@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,12 +54,30 @@ def _files(path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
+def _shards(path) -> list[str]:
+    return sorted(set(json.loads((path / tiny.INDEX_FILE).read_text())["weight_map"].values()))
+
+
 def test_same_seed_is_byte_identical_and_seeds_differ(checkpoints, tmp_path):
     again = tiny.write_tiny_checkpoint(tmp_path / "again", "moe", SEED)
     assert _files(again) == _files(checkpoints["moe"])
     other = tiny.write_tiny_checkpoint(tmp_path / "other", "moe", SEED + 1)
     assert (other / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
-    assert (other / "model.safetensors").read_bytes() != (again / "model.safetensors").read_bytes()
+    assert _shards(other) == _shards(again)
+    for shard in _shards(again):
+        assert (other / shard).read_bytes() != (again / shard).read_bytes()
+
+
+def test_writer_needs_no_torch(tmp_path):
+    """`pip install .` has no torch: the writer must not import it (issue #15)."""
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from qwen3vl_moe.checkpoints import tiny\n"
+        f"tiny.write_tiny_checkpoint({str(tmp_path / 'nt')!r}, 'moe', {SEED})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    written = tiny.write_tiny_checkpoint(tmp_path / "with-torch", "moe", SEED)
+    assert _files(tmp_path / "nt") == _files(written)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -111,28 +131,42 @@ def test_safetensors_hub_layout_and_exact_reload(checkpoints, loaded, preset):
     model, info = loaded[preset]
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
-    reference = tiny.build_model(path, SEED).state_dict()
-    loaded_state = model.state_dict()
-    assert loaded_state.keys() == reference.keys()
-    for name, tensor in reference.items():
-        assert torch.equal(loaded_state[name], tensor), name
+    reference = model.state_dict()
+    index = json.loads((path / tiny.INDEX_FILE).read_text())
+    shards = _shards(path)
+    assert len(shards) >= 2
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert sorted(p.name for p in path.glob("*.safetensors")) == shards
 
     tied = model.config.tie_word_embeddings
-    with safe_open(path / "model.safetensors", "pt") as f:
-        assert f.metadata() == {"format": "pt"}
-        on_disk = set(f.keys())
-        assert on_disk == set(reference) - ({"lm_head.weight"} if tied else set())
-        for i, is_moe in enumerate(EXPECTED_MOE_LAYERS[preset]):
-            prefix = f"model.language_model.layers.{i}.mlp."
-            if not is_moe:
-                assert prefix + "gate_proj.weight" in on_disk
-                continue
-            gate_up = f.get_tensor(prefix + "experts.gate_up_proj")
-            down = f.get_tensor(prefix + "experts.down_proj")
-            assert gate_up.shape == (8, 64, 96)  # [E, H, 2I]
-            assert down.shape == (8, 48, 64)  # [E, I, H]
-            assert torch.equal(gate_up, reference[prefix + "experts.gate_up_proj"].transpose(1, 2))
-            assert torch.equal(down, reference[prefix + "experts.down_proj"].transpose(1, 2))
+    on_disk: dict[str, torch.Tensor] = {}
+    total = 0
+    for shard in shards:
+        with safe_open(path / shard, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for name in f.keys():
+                assert index["weight_map"][name] == shard
+                on_disk[name] = f.get_tensor(name)
+                total += on_disk[name].numel() * on_disk[name].element_size()
+    assert index["metadata"]["total_size"] == total
+    assert set(on_disk) == set(index["weight_map"]) == set(reference) - ({"lm_head.weight"} if tied else set())
+    for name, tensor in on_disk.items():
+        assert tensor.dtype == torch.float32
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensor = tensor.transpose(1, 2)  # hub [E, H, 2I] / [E, I, H] -> transformers' memory layout
+        assert torch.equal(reference[name], tensor), name
+    if tied:
+        assert torch.equal(reference["lm_head.weight"], on_disk["model.language_model.embed_tokens.weight"])
+    for i, is_moe in enumerate(EXPECTED_MOE_LAYERS[preset]):
+        prefix = f"model.language_model.layers.{i}.mlp."
+        if not is_moe:
+            assert prefix + "gate_proj.weight" in on_disk
+            continue
+        assert on_disk[prefix + "experts.gate_up_proj"].shape == (8, 64, 96)  # [E, H, 2I]
+        assert on_disk[prefix + "experts.down_proj"].shape == (8, 48, 64)  # [E, I, H]
+
+    rebuilt = tiny.build_model(path).state_dict()
+    assert all(torch.equal(rebuilt[name], tensor) for name, tensor in reference.items())
 
 
 def test_weights_are_unit_scale(loaded):
@@ -143,6 +177,14 @@ def test_weights_are_unit_scale(loaded):
     assert norm.mean().item() == pytest.approx(1.0, abs=0.05)
     assert state["model.visual.pos_embed.weight"].std().item() == pytest.approx(1.0, rel=0.05)
     assert state["model.visual.blocks.0.attn.qkv.bias"].std().item() == pytest.approx(0.5, rel=0.2)
+    experts = state["model.language_model.layers.0.mlp.experts.down_proj"]  # [E, H, I] in memory
+    assert experts.std().item() == pytest.approx(48**-0.5, rel=0.1)
+    conv = state["model.visual.patch_embed.proj.weight"]
+    assert conv.std().item() == pytest.approx((3 * 2 * 16 * 16) ** -0.5, rel=0.1)
+    assert state["lm_head.weight"].std().item() == pytest.approx(64**-0.5, rel=0.1)
+    # Tied: the embedding is the lm_head, drawn at the lm_head's scale.
+    tied = loaded["dense"][0].state_dict()["model.language_model.embed_tokens.weight"]
+    assert tied.std().item() == pytest.approx(64**-0.5, rel=0.1)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -240,11 +282,11 @@ def test_tiny_checkpoint_caches_atomically(tmp_path, monkeypatch):
     expected = tmp_path / f"dense-s3-v{tiny.FORMAT_VERSION}"
     assert results == [expected, expected]
     assert sorted(p.name for p in tmp_path.iterdir()) == [expected.name]  # no temp dirs left
-    assert (expected / "model.safetensors").is_file()
+    assert (expected / tiny.INDEX_FILE).is_file()
 
-    mtime = (expected / "model.safetensors").stat().st_mtime_ns
+    mtime = (expected / tiny.INDEX_FILE).stat().st_mtime_ns
     assert tiny.tiny_checkpoint("dense", 3, cache_dir=tmp_path) == expected
-    assert (expected / "model.safetensors").stat().st_mtime_ns == mtime
+    assert (expected / tiny.INDEX_FILE).stat().st_mtime_ns == mtime
 
     monkeypatch.setenv("QWEN3VL_MOE_CACHE", str(tmp_path / "env"))
     assert tiny.default_cache_dir() == tmp_path / "env" / "checkpoints"
@@ -258,4 +300,9 @@ def test_cli(tmp_path, capsys):
     assert all(f"{p}:" in listed for p in PRESETS)
     tiny.main(["--preset", "moe-sparse2", "--seed", "2", "--out", str(tmp_path / "cli")])
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli")
-    assert (tmp_path / "cli" / "model.safetensors").is_file()
+    assert all((tmp_path / "cli" / shard).is_file() for shard in _shards(tmp_path / "cli"))
+    tiny.main(["--preset", "dense", "--out", str(tmp_path / "jinja"), "--chat-template", "jinja"])
+    capsys.readouterr()
+    assert (tmp_path / "jinja" / "chat_template.jinja").read_text() == tiny.CHAT_TEMPLATE
+    assert not (tmp_path / "jinja" / "chat_template.json").exists()
+    assert "chat_template" not in json.loads((tmp_path / "jinja" / "tokenizer_config.json").read_text())

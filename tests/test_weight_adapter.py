@@ -26,14 +26,22 @@ def moe_dir() -> Path:
     return tiny_checkpoint("moe")
 
 
+def load_all(directory: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a (sharded) checkpoint."""
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors |= load_file(str(shard))
+    return tensors
+
+
 def convert(directory: Path, tensors: dict[str, np.ndarray] | None = None, tmp: Path | None = None, config=None):
     """Runs the adapter on ``directory``'s checkpoint, optionally with replaced tensors."""
-    path = directory / "model.safetensors"
+    paths = sorted(directory.glob("*.safetensors"))
     if tensors is not None:
         assert tmp is not None
-        path = tmp / "model.safetensors"
-        save_file(tensors, str(path))
-    weights = load_weights([path])
+        paths = [tmp / "model.safetensors"]
+        save_file(tensors, str(paths[0]))
+    weights = load_weights(paths)
     return convert_qwen3vl_model_state_dict(
         dict(weights.items()), huggingface_config=config or AutoConfig.from_pretrained(directory)
     )
@@ -52,7 +60,7 @@ def test_hub_layout_is_recognised_and_renamed(moe_dir):
 
 
 def test_transformers_layout_is_recognised(moe_dir, tmp_path):
-    tensors = load_file(str(moe_dir / "model.safetensors"))
+    tensors = load_all(moe_dir)
     for name in list(tensors):
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             tensors[name] = np.ascontiguousarray(tensors[name].transpose(0, 2, 1))
@@ -62,7 +70,7 @@ def test_transformers_layout_is_recognised(moe_dir, tmp_path):
 
 
 def test_mixed_layouts_are_rejected(moe_dir, tmp_path):
-    tensors = load_file(str(moe_dir / "model.safetensors"))
+    tensors = load_all(moe_dir)
     for part in ("gate_up_proj", "down_proj"):
         tensors[EXPERTS + part] = np.ascontiguousarray(tensors[EXPERTS + part].transpose(0, 2, 1))
     with pytest.raises(CheckpointError, match="different layouts"):
@@ -70,28 +78,28 @@ def test_mixed_layouts_are_rejected(moe_dir, tmp_path):
 
 
 def test_missing_tensor_is_named(moe_dir, tmp_path):
-    tensors = load_file(str(moe_dir / "model.safetensors"))
+    tensors = load_all(moe_dir)
     del tensors["model.language_model.layers.1.self_attn.k_norm.weight"]
     with pytest.raises(CheckpointError, match=r"missing tensor language_model\.layers\.1\.self_attn\.k_norm\.weight \(expected shape \[128\]\)"):
         convert(moe_dir, tensors, tmp_path)
 
 
 def test_wrong_shape_names_expected_and_actual(moe_dir, tmp_path):
-    tensors = load_file(str(moe_dir / "model.safetensors"))
+    tensors = load_all(moe_dir)
     tensors["model.language_model.layers.2.mlp.up_proj.weight"] = np.zeros((81, 64), np.float32)
     with pytest.raises(CheckpointError, match=r"layers\.2\.mlp\.up_proj\.weight has shape \[81, 64\], expected \[80, 64\]"):
         convert(moe_dir, tensors, tmp_path)
 
 
 def test_unexpected_tensor_is_named(moe_dir, tmp_path):
-    tensors = load_file(str(moe_dir / "model.safetensors"))
+    tensors = load_all(moe_dir)
     tensors["model.language_model.layers.0.mlp.shared_expert.weight"] = np.zeros((4, 4), np.float32)
     with pytest.raises(CheckpointError, match=r"unexpected tensor language_model\.layers\.0\.mlp\.shared_expert\.weight"):
         convert(moe_dir, tensors, tmp_path)
 
 
 def test_experts_of_wrong_shape_are_rejected(moe_dir, tmp_path):
-    tensors = load_file(str(moe_dir / "model.safetensors"))
+    tensors = load_all(moe_dir)
     tensors[EXPERTS + "gate_up_proj"] = np.zeros((8, 64, 90), np.float32)
     with pytest.raises(CheckpointError, match="match neither the hub layout"):
         convert(moe_dir, tensors, tmp_path)
@@ -115,8 +123,9 @@ def test_pipeline_reports_a_wrong_checkpoint_before_compiling(moe_dir, tmp_path)
 
     broken = tmp_path / "broken"
     shutil.copytree(moe_dir, broken)
-    tensors = load_file(str(broken / "model.safetensors"))
+    [shard] = [p for p in broken.glob("*.safetensors") if "model.language_model.norm.weight" in load_file(str(p))]
+    tensors = load_file(str(shard))
     del tensors["model.language_model.norm.weight"]
-    save_file(tensors, str(broken / "model.safetensors"))
+    save_file(tensors, str(shard))
     with pytest.raises(CheckpointError, match=r"missing tensor language_model\.norm\.weight"):
         Qwen3VL(broken, devices="cpu", max_length=128, max_batch_size=1)

@@ -3,10 +3,12 @@
 Tests need a real checkpoint directory, laid out like the released ones, that
 loads without a network: ``config.json`` in the hub's key layout (legacy
 ``rope_scaling``/``rope_theta``, vision ``model_type`` ``qwen3_vl_moe``),
-``model.safetensors`` with experts in the hub layout, a byte-level BPE
-tokenizer with the Qwen special tokens, the Qwen3-VL Instruct chat template
-and the preprocessor configs of the release. Weights are re-drawn at unit
-scale because the default 0.02 init leaves most ops numerically invisible.
+sharded safetensors plus ``model.safetensors.index.json`` with experts in the
+hub layout, a byte-level BPE tokenizer with the Qwen special tokens, the
+Qwen3-VL Instruct chat template (where the caller asks) and the preprocessor
+configs of the release. Weights are drawn with numpy at unit scale (the
+default 0.02 init leaves most ops numerically invisible), so writing needs no
+torch: numpy and the tokenizer libraries only.
 
     python -m qwen3vl_moe.checkpoints.tiny --list
     python -m qwen3vl_moe.checkpoints.tiny --preset moe --seed 0 --out DIR
@@ -20,24 +22,40 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
+
+from .layout import TensorSpec, checkpoint_layout
 
 __all__ = [
     "FORMAT_VERSION",
+    "INDEX_FILE",
     "PRESETS",
+    "TEMPLATE_PLACEMENTS",
     "Preset",
     "build_model",
     "default_cache_dir",
+    "preset_config",
     "tiny_checkpoint",
+    "token_ids",
+    "unit_scale_weights",
+    "write_checkpoint_from_config",
+    "write_sharded_safetensors",
     "write_tiny_checkpoint",
 ]
 
 # Part of the cache key: bump whenever anything written changes.
-FORMAT_VERSION = 1
+# v2: weights drawn with numpy per tensor, sharded safetensors + index.
+FORMAT_VERSION = 2
+
+INDEX_FILE = "model.safetensors.index.json"
 
 # ---------------------------------------------------------------------------
 # Tokenizer
@@ -324,8 +342,20 @@ def _json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def _tokenizer_files(tokenizer_json: str) -> dict[str, str]:
-    """The text of every tokenizer-side file of a release, keyed by file name."""
+TemplatePlacement = Literal["all", "tokenizer_config", "chat_template_json", "jinja"]
+TEMPLATE_PLACEMENTS: tuple[str, ...] = ("all", "tokenizer_config", "chat_template_json", "jinja")
+
+
+def _tokenizer_files(tokenizer_json: str, chat_template: str = "all") -> dict[str, str]:
+    """The text of every tokenizer-side file of a release, keyed by file name.
+
+    ``chat_template`` says where the template goes: ``tokenizer_config``
+    (its ``chat_template`` key), ``chat_template_json`` (the processor file of
+    the Qwen3-VL releases), ``jinja`` (``chat_template.jinja``, what
+    transformers and fine-tuning tools save today) or ``all`` of them.
+    """
+    if chat_template not in TEMPLATE_PLACEMENTS:
+        raise ValueError(f"chat_template must be one of {TEMPLATE_PLACEMENTS}, not {chat_template!r}")
     data = json.loads(tokenizer_json)
     ids = _token_ids(tokenizer_json)
     added = {
@@ -341,7 +371,6 @@ def _tokenizer_files(tokenizer_json: str) -> dict[str, str]:
             "added_tokens_decoder": added,
             "additional_special_tokens": list(_SPECIAL_TOKENS[1:]),
             "bos_token": None,
-            "chat_template": CHAT_TEMPLATE,
             "clean_up_tokenization_spaces": False,
             "eos_token": "<|im_end|>",
             "errors": "replace",
@@ -352,7 +381,6 @@ def _tokenizer_files(tokenizer_json: str) -> dict[str, str]:
             "tokenizer_class": "Qwen2Tokenizer",
             "unk_token": None,
         },
-        "chat_template.json": {"chat_template": CHAT_TEMPLATE},
         "generation_config.json": {
             "bos_token_id": ids["<|endoftext|>"],
             "do_sample": False,
@@ -390,7 +418,14 @@ def _tokenizer_files(tokenizer_json: str) -> dict[str, str]:
             "video_processor_type": "Qwen3VLVideoProcessor",
         },
     }
+    everywhere = chat_template == "all"
+    if everywhere or chat_template == "tokenizer_config":
+        files["tokenizer_config.json"]["chat_template"] = CHAT_TEMPLATE
+    if everywhere or chat_template == "chat_template_json":
+        files["chat_template.json"] = {"chat_template": CHAT_TEMPLATE}
     texts = {name: _json(content) for name, content in files.items()}
+    if everywhere or chat_template == "jinja":
+        texts["chat_template.jinja"] = CHAT_TEMPLATE
     texts["tokenizer.json"] = tokenizer_json
     texts["merges.txt"] = "#version: 0.2\n" + "".join(m + "\n" for m in merges)
     return texts
@@ -552,107 +587,203 @@ PRESETS: dict[str, Preset] = {
 # ---------------------------------------------------------------------------
 # Weights
 
-_HUB_TRANSPOSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
+def unit_scale_tensor(spec: TensorSpec, seed: int, *, tied_embedding: bool = False) -> np.ndarray:
+    """One tensor drawn so that each op changes the output visibly (float32).
 
-def _unit_scale_init(model: Any, seed: int) -> None:
-    """Redraw every parameter so that each op changes the output visibly.
-
-    Weights ~ N(0, 1/fan_in) (fan_in = the input dim; experts are
-    [E, out, in] in memory), linear/conv biases ~ N(0, 0.5^2), norm weights
-    ~ 1 + N(0, 0.1^2), LayerNorm biases ~ N(0, 0.1^2), embeddings ~ N(0, 1).
-    A tied token embedding is also the lm_head and gets the lm_head's
+    Weights ~ N(0, 1/fan_in) (fan_in = the input dims, the product of all but
+    the first for the patch conv), linear/conv biases ~ N(0, 0.5^2), norm
+    weights ~ 1 + N(0, 0.1^2), LayerNorm biases ~ N(0, 0.1^2), embeddings ~
+    N(0, 1). A tied token embedding is also the lm_head and gets the lm_head's
     N(0, 1/H): at N(0, 1) its logits (std sqrt(H)) favour the current token so
-    much that greedy decoding just repeats it. Parameters are visited in
-    sorted-name order with one generator, so the draw depends only on
-    ``seed``. Unknown parameter kinds raise rather than keep their 0.02 init.
+    much that greedy decoding just repeats it. Each tensor has its own stream,
+    seeded by ``seed`` and its name, so a draw depends on nothing else. (The
+    default 0.02 init would leave most ops numerically invisible.)
     """
-    import torch
-    from torch import nn
-
-    gen = torch.Generator().manual_seed(seed)
-    modules = dict(model.named_modules())
-    lm_head = model.get_output_embeddings().weight
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            owner, _, leaf = name.rpartition(".")
-            module = modules[owner]
-            shape = param.shape
-            is_norm = isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
-            mean = 0.0
-            if isinstance(module, nn.Embedding) and param is not lm_head:
-                std = 1.0
-            elif is_norm:
-                std, mean = 0.1, (0.0 if leaf == "bias" else 1.0)
-            elif leaf == "bias":
-                std = 0.5
-            elif isinstance(module, nn.Conv3d):
-                std = math.prod(shape[1:]) ** -0.5
-            elif len(shape) >= 2:
-                std = shape[-1] ** -0.5
-            else:
-                raise ValueError(f"no unit-scale rule for {name} {tuple(shape)} ({type(module).__name__})")
-            param.copy_(torch.randn(shape, generator=gen, dtype=torch.float32) * std + mean)
+    mean, std = 0.0, 1.0
+    if spec.kind == "embedding":
+        std = spec.fan_in**-0.5 if tied_embedding else 1.0
+    elif spec.kind == "norm":
+        mean, std = 1.0, 0.1
+    elif spec.kind == "norm_bias":
+        std = 0.1
+    elif spec.kind == "bias":
+        std = 0.5
+    else:  # linear, experts, conv
+        std = spec.fan_in**-0.5
+    rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
+    x = rng.standard_normal(spec.shape, dtype=np.float32)
+    x *= np.float32(std)
+    x += np.float32(mean)
+    return x
 
 
-def _hub_state_dict(model: Any, tied: bool) -> dict[str, Any]:
-    """The state dict as the hub stores it: experts [E, H, 2I] / [E, I, H], no tied lm_head."""
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
-        if name.endswith(_HUB_TRANSPOSED):
-            tensor = tensor.transpose(1, 2)
-        tensors[name] = tensor.detach().to("cpu").contiguous()
-    return tensors
+def unit_scale_weights(config: Mapping[str, Any], seed: int) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32 array) for every tensor of ``config``'s checkpoint, hub layout, model order."""
+    tied = bool(config.get("tie_word_embeddings", False))
+    for name, spec in checkpoint_layout(config).items():
+        tied_embedding = tied and name == "model.language_model.embed_tokens.weight"
+        yield name, unit_scale_tensor(spec, seed, tied_embedding=tied_embedding)
 
 
-def build_model(checkpoint_dir: str | os.PathLike[str], seed: int) -> Any:
-    """The float32 transformers model whose weights ``write_tiny_checkpoint`` saves.
+# safetensors dtype codes by numpy dtype name (ml_dtypes names for bf16/fp8).
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
 
-    Built from the ``config.json`` already in ``checkpoint_dir``, so tests can
-    regenerate the exact in-memory model a checkpoint came from.
+
+def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """One safetensors file, tensors in name order, streamed (no second copy in memory)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        array = tensors[name]
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[array.dtype.name],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in names:
+            f.write(np.ascontiguousarray(tensors[name]).data)
+
+
+def write_sharded_safetensors(
+    out_dir: str | os.PathLike[str],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    max_shard_bytes: int,
+) -> list[str]:
+    """Write ``tensors`` as the hub does: ``model-0000k-of-0000n.safetensors`` + index.
+
+    Tensors are taken in order and a shard is closed before it would exceed
+    ``max_shard_bytes`` (a larger tensor gets a shard of its own), so at most
+    one shard is held in memory. Returns the shard file names.
     """
+    out = Path(out_dir)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    tmp_names: list[str] = []
+
+    def flush() -> None:
+        name = f".shard-{len(tmp_names):05d}.tmp"
+        _write_safetensors(out / name, shards[-1])
+        tmp_names.append(name)
+
+    weight_map_tmp: dict[str, int] = {}
+    total = 0
+    for name, array in tensors:
+        if shards[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
+            flush()
+            shards[-1], sizes[-1] = {}, 0
+        shards[-1][name] = array
+        sizes[-1] += array.nbytes
+        weight_map_tmp[name] = len(tmp_names)
+        total += array.nbytes
+    flush()
+    count = len(tmp_names)
+    files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    for tmp, final in zip(tmp_names, files):
+        os.replace(out / tmp, out / final)
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {name: files[i] for name, i in sorted(weight_map_tmp.items())},
+    }
+    (out / INDEX_FILE).write_text(_json(index), encoding="utf-8")
+    return files
+
+
+def default_shard_bytes(config: Mapping[str, Any]) -> int:
+    """A third of the float32 checkpoint (at least 64 KiB): every preset gets several shards."""
+    total = sum(4 * math.prod(spec.shape) for spec in checkpoint_layout(config).values())
+    return max(64 * 1024, -(-total // 3))
+
+
+def build_model(checkpoint_dir: str | os.PathLike[str], seed: int | None = None) -> Any:
+    """The float32 transformers model loaded from a written checkpoint (needs torch).
+
+    ``seed`` is accepted for compatibility and ignored: the weights are the ones on disk.
+    """
+    del seed
     import torch
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(checkpoint_dir)
+    config = transformers.AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
     model_class = getattr(transformers, config.architectures[0])
-    torch.manual_seed(seed)
-    model = model_class(config).to(torch.float32).eval()
-    _unit_scale_init(model, seed)
-    return model
+    return model_class.from_pretrained(checkpoint_dir, dtype=torch.float32, local_files_only=True).eval()
 
 
 # ---------------------------------------------------------------------------
 # Writing and caching
 
+def write_checkpoint_from_config(
+    out_dir: str | os.PathLike[str],
+    config: Mapping[str, Any],
+    seed: int = 0,
+    *,
+    chat_template: TemplatePlacement = "all",
+    max_shard_bytes: int | None = None,
+    transform: Callable[[str, np.ndarray], Iterable[tuple[str, np.ndarray]]] | None = None,
+) -> Path:
+    """Write a checkpoint for an arbitrary Qwen3-VL ``config`` (the ``config.json`` dict).
 
-def write_tiny_checkpoint(out_dir: str | os.PathLike[str], preset: str = "moe", seed: int = 0) -> Path:
-    """Write the ``preset`` checkpoint with weights drawn from ``seed`` into ``out_dir``.
+    The tensors are those :func:`~qwen3vl_moe.checkpoints.layout.checkpoint_layout`
+    lists, drawn at unit scale from ``seed`` in float32, in the hub layout. The
+    tokenizer files are the tiny tokenizer's; ``config``'s token ids should be
+    this tokenizer's (see :func:`token_ids`).
 
-    Same (preset, seed, FORMAT_VERSION) gives byte-identical files.
+    Args:
+        chat_template: Where the chat template goes (``all`` writes every place).
+        max_shard_bytes: Shard size limit; default: a third of the checkpoint.
+        transform: Maps each drawn (name, float32 array) to the tensors to store
+            instead (e.g. a bf16 cast, or an FP8 weight plus its scales).
     """
-    from safetensors.torch import save_file
-
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    tokenizer_json = _tokenizer_json()
-    config = PRESETS[preset].config(_token_ids(tokenizer_json))
+    config = dict(config)
     (out / "config.json").write_text(_json(config), encoding="utf-8")
-    for name, text in _tokenizer_files(tokenizer_json).items():
+    for name, text in _tokenizer_files(_tokenizer_json(), chat_template).items():
         (out / name).write_text(text, encoding="utf-8")
-
-    model = build_model(out, seed)
-    save_file(
-        _hub_state_dict(model, tied=config["tie_word_embeddings"]),
-        str(out / "model.safetensors"),
-        metadata={"format": "pt"},
+    tensors: Iterable[tuple[str, np.ndarray]] = unit_scale_weights(config, seed)
+    if transform is not None:
+        tensors = (item for name, array in tensors for item in transform(name, array))
+    write_sharded_safetensors(
+        out, tensors, max_shard_bytes if max_shard_bytes is not None else default_shard_bytes(config)
     )
     return out
+
+
+def token_ids() -> dict[str, int]:
+    """Ids of the tiny tokenizer's added tokens (what a config's token ids must be)."""
+    return _token_ids(_tokenizer_json())
+
+
+def preset_config(preset: str) -> dict[str, Any]:
+    """The ``config.json`` of a preset."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[preset].config(token_ids())
+
+
+def write_tiny_checkpoint(
+    out_dir: str | os.PathLike[str],
+    preset: str = "moe",
+    seed: int = 0,
+    *,
+    chat_template: TemplatePlacement = "all",
+) -> Path:
+    """Write the ``preset`` checkpoint with weights drawn from ``seed`` into ``out_dir``.
+
+    Same (preset, seed, chat_template, FORMAT_VERSION) gives byte-identical files.
+    """
+    return write_checkpoint_from_config(out_dir, preset_config(preset), seed, chat_template=chat_template)
 
 
 def default_cache_dir() -> Path:
@@ -669,8 +800,7 @@ def tiny_checkpoint(
     Generated on first use into a temporary sibling and renamed into place, so
     concurrent processes either see a complete directory or none.
     """
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    preset_config(preset)  # an unknown preset fails before anything is created
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / f"{preset}-s{seed}-v{FORMAT_VERSION}"
     if final.is_dir():
@@ -698,6 +828,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="moe", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="output directory (default: the shared cache)")
+    parser.add_argument(
+        "--chat-template", default="all", choices=TEMPLATE_PLACEMENTS,
+        help="where the chat template goes (with --out; the cache always holds 'all')",
+    )
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -705,7 +839,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {preset.description}")
         return
     if args.out:
-        path = write_tiny_checkpoint(args.out, args.preset, args.seed)
+        path = write_tiny_checkpoint(args.out, args.preset, args.seed, chat_template=args.chat_template)
     else:
         path = tiny_checkpoint(args.preset, args.seed)
     print(path)
