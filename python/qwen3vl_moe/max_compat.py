@@ -11,6 +11,7 @@ against.
 from __future__ import annotations
 
 import importlib.metadata
+from typing import Any
 
 # Releases of the `modular` package whose internals this module was checked against.
 TESTED_MAX_VERSIONS = ("26.7.0",)
@@ -45,3 +46,119 @@ def check_max_version() -> str:
 
 
 MAX_VERSION = check_max_version()
+
+
+# ---------------------------------------------------------------------------
+# CPU runs float32 when no encoding is asked for.
+#
+# MAX behaviour relied on (max/pipelines/lib/config/config.py, 26.7.0):
+# ``PipelineConfig._model_with_resolved_weights(model, arch)`` (a private
+# staticmethod) resolves the encoding of a model with no
+# ``quantization_encoding``: it drops a checkpoint encoding the device cannot
+# run (bfloat16 or float8 on CPU) and falls back to the architecture's single
+# ``default_encoding`` (bfloat16, right for GPUs), which it then refuses on
+# CPU ("The encoding 'bfloat16' is not compatible with the selected device
+# type 'cpu'"). Given ``quantization_encoding='float32'`` instead, it records a
+# bfloat16 -> float32 load-time cast and finds the weight files. There is no
+# public per-device default, so for this package's architectures, on an
+# all-CPU device list with no encoding given, the model config is handed to
+# that resolver as if ``float32`` had been asked for; the weight adapter then
+# upcasts (or dequantizes) and logs it. Explicit encodings and GPUs are untouched.
+
+
+def default_cpu_encoding_to_float32(pipeline_model: type) -> None:
+    """Makes float32 the encoding on CPU, when none is given, of architectures running ``pipeline_model`` (idempotent)."""
+    from max.pipelines.lib.config.config import PipelineConfig
+
+    resolve = PipelineConfig.__dict__["_model_with_resolved_weights"].__func__
+    models = getattr(resolve, "_cpu_float32_models", None)
+    if models is not None:
+        models.add(pipeline_model)
+        return
+    models = {pipeline_model}
+
+    def resolve_with_cpu_float32(model, arch):
+        if (
+            getattr(arch, "pipeline_model", None) in models
+            and model.quantization_encoding is None
+            and model.device_specs
+            and all(spec.device_type == "cpu" for spec in model.device_specs)
+        ):
+            model = model.model_copy(update={"quantization_encoding": "float32"})
+        return resolve(model, arch)
+
+    resolve_with_cpu_float32._cpu_float32_models = models  # type: ignore[attr-defined]
+    PipelineConfig._model_with_resolved_weights = staticmethod(resolve_with_cpu_float32)
+
+
+# --- Serving hooks (issue 12: the server survives every client) -------------
+#
+# MAX 26.7 offers no public hook for a custom architecture to reach the
+# FastAPI app `max serve` builds, nor to fail one request when a batch's
+# `execute` raises. Both uses below are installed when this package's
+# architecture module is imported, so they hold under plain
+# `max serve --custom-architectures qwen3vl_moe` as well as `qwen3vl-moe serve`.
+
+
+def on_serving_app(install):  # type: ignore[no-untyped-def]
+    """Calls ``install(app)`` on the FastAPI app ``max serve`` builds, before it serves.
+
+    Depends on: ``max._entrypoints.cli.serve.serve_api_and_model_worker``
+    calling the module-global ``fastapi_app`` (imported from
+    ``max.serve.api_server``) once per server; rebinding that global is the
+    only way in. Idempotent per ``install``.
+    """
+    from max._entrypoints.cli.serve import serve_api_and_model_worker as entry
+
+    build = entry.fastapi_app
+    installed = getattr(build, "_qwen3vl_moe_installs", ())
+    if install in installed:
+        return
+
+    def fastapi_app(*args, **kwargs):  # type: ignore[no-untyped-def]
+        app = build(*args, **kwargs)
+        install(app)
+        return app
+
+    fastapi_app._qwen3vl_moe_installs = (*installed, install)  # type: ignore[attr-defined]
+    entry.fastapi_app = fastapi_app
+
+
+def fail_batch_on_execute_error(model_class: type) -> None:
+    """An exception from a batch's ``pipeline.execute`` fails that batch's
+    requests (each gets the error as a 4xx) instead of ending the model worker.
+
+    Depends on: ``TokenGenerationScheduler._schedule(inputs)`` running
+    ``self.pipeline.execute(inputs)`` with no handler (an escaping exception
+    ends ``run_iteration``, the model worker, and with it the API server);
+    ``self.batch_constructor.contains/release_request`` freeing a request's
+    KV cache; ``SchedulerResult.failed(message)`` reaching the client as
+    ``InputError(message)``; the text pipeline keeping its pipeline model in
+    ``_pipeline_model``, which limits this to pipelines running ``model_class``.
+    """
+    import logging
+
+    from max.serve.scheduler.text_generation_scheduler import TokenGenerationScheduler
+    from max.serve.scheduler_result import SchedulerResult
+
+    schedule = TokenGenerationScheduler._schedule
+    if getattr(schedule, "_qwen3vl_moe", False):
+        return
+
+    def _schedule(self, inputs):  # type: ignore[no-untyped-def]
+        try:
+            return schedule(self, inputs)
+        except Exception as e:
+            if not isinstance(getattr(self.pipeline, "_pipeline_model", None), model_class):
+                raise
+            logging.getLogger("qwen3vl_moe").exception("a batch failed; failing its requests, serving on")
+            message = f"the model failed on this request's batch ({type(e).__name__}: {e})"
+            failed = [ctx.request_id for ctx in inputs.flat_batch if self.batch_constructor.contains(ctx.request_id)]
+            for request_id in failed:
+                self.batch_constructor.release_request(request_id)
+            if failed:
+                self.response_queue.put_nowait({rid: SchedulerResult.failed(message) for rid in failed})
+            return len(failed)
+
+    _schedule._qwen3vl_moe = True  # type: ignore[attr-defined]
+    TokenGenerationScheduler._schedule = _schedule  # type: ignore[method-assign]
