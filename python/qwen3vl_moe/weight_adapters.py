@@ -14,9 +14,12 @@ checkpoint is rejected instead of guessed.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import numpy as np
 from max.driver import Buffer
 from max.dtype import DType
 from max.graph.weights import WeightData, Weights
@@ -24,6 +27,9 @@ from max.graph.weights import WeightData, Weights
 from .model_config import head_dim, is_moe_layer
 
 ExpertLayout = Literal["hub", "transformers"]
+
+# A child of MAX's pipeline logger, so `max serve` prints it with its own lines.
+logger = logging.getLogger("max.pipelines.qwen3vl_moe")
 
 _PREFIXES = (
     ("model.language_model.", "language_model."),
@@ -144,6 +150,79 @@ def _expert_layout(name: str, gate_up: tuple[int, ...], down: tuple[int, ...], t
     )
 
 
+class _Fp8Weights:
+    """A fine-grained FP8 checkpoint's scales, and the dequantization of its float8 weights.
+
+    The ``quantization_config`` decides everything (``quant_method: fp8``,
+    ``weight_block_size``, ``modules_to_not_convert``); a float8 weight
+    without its ``<name>_scale_inv``, a scale without its float8 weight, or a
+    float8 weight in a module the config leaves unquantized is a problem
+    reported with the others.
+    """
+
+    def __init__(self, scales: dict[str, Weights], config: Mapping[str, Any] | None, problems: list[str]) -> None:
+        self.scales = scales  # scale tensor name -> its weights entry
+        self.config = config or {}
+        self.problems = problems
+        self.block = tuple(self.config.get("weight_block_size") or (128, 128))
+        self.dequantized = 0
+
+    @classmethod
+    def of(cls, state_dict: Mapping[str, Weights], huggingface_config: Any) -> _Fp8Weights:
+        config = getattr(huggingface_config, "quantization_config", None)
+        if config is not None and not isinstance(config, Mapping):
+            config = config.to_dict()
+        scales = {n: w for n, w in state_dict.items() if n.endswith("_scale_inv")}
+        problems: list[str] = []
+        for scale in sorted(scales):
+            if scale[: -len("_scale_inv")] not in state_dict:
+                problems.append(f"unexpected tensor {scale}: no {scale[: -len('_scale_inv')]} to scale")
+        if scales or (config and config.get("quant_method") == "fp8"):
+            if not config or config.get("quant_method") != "fp8":
+                problems.append(
+                    "the checkpoint has *_scale_inv tensors but config.json's quantization_config "
+                    f"is {config!r}, not quant_method 'fp8'"
+                )
+            elif config.get("fmt", "e4m3") != "e4m3" or config.get("activation_scheme", "dynamic") != "dynamic":
+                problems.append(
+                    "config.json quantization_config: only fmt 'e4m3' with activation_scheme "
+                    f"'dynamic' is supported, got fmt {config.get('fmt')!r}, activation_scheme "
+                    f"{config.get('activation_scheme')!r}"
+                )
+            block = config.get("weight_block_size") if config else None
+            if block is not None and (len(block) != 2 or min(block) <= 0):
+                problems.append(f"config.json quantization_config.weight_block_size {block!r} is not two positive ints")
+        return cls(scales, config, problems)
+
+    def dequantize(self, name: str, data: WeightData) -> WeightData:
+        """The float32 values of the float8 tensor ``name`` (a placeholder if it cannot be)."""
+        from .checkpoints.fp8 import dequantize_blockwise, is_not_converted
+
+        shape = [int(d) for d in data.shape]
+        scale = self.scales.get(name + "_scale_inv")
+        skip = self.config.get("modules_to_not_convert")
+        if is_not_converted(name, skip):
+            self.problems.append(
+                f"tensor {name} is float8_e4m3fn but config.json's quantization_config."
+                f"modules_to_not_convert {skip} leaves its module unquantized"
+            )
+        if scale is None:
+            self.problems.append(f"tensor {name} is float8_e4m3fn but {name}_scale_inv is missing")
+            return WeightData.from_numpy(np.zeros(shape, np.float32), name)
+        buffer = Buffer.from_dlpack(data.data)
+        bits = buffer.view(DType.uint8, buffer.shape).to_numpy()
+        scale_data = scale.data()
+        if scale_data.dtype != DType.float32:
+            scale_data = scale_data.astype(DType.float32)
+        try:
+            values = dequantize_blockwise(bits, Buffer.from_dlpack(scale_data.data).to_numpy(), self.block)
+        except ValueError as e:
+            self.problems.append(f"tensor {name}_scale_inv: {e}")
+            return WeightData.from_numpy(np.zeros(shape, np.float32), name)
+        self.dequantized += 1
+        return WeightData.from_numpy(values, name)
+
+
 def convert_qwen3vl_model_state_dict(
     state_dict: Mapping[str, Weights],
     huggingface_config: Any,
@@ -164,17 +243,36 @@ def convert_qwen3vl_model_state_dict(
     tied = bool(getattr(huggingface_config, "tie_word_embeddings", False))
     expected = _text_shapes(tc, tied) | _vision_shapes(vc)
 
+    fp8 = _Fp8Weights.of(state_dict, huggingface_config)
     weights: dict[str, WeightData] = {}
+    casts: Counter[str] = Counter()
     for checkpoint_name, weight in state_dict.items():
+        if checkpoint_name in fp8.scales:
+            continue  # folded into its weight below
         name = graph_name(checkpoint_name)
         if tied and name == "language_model.lm_head.weight":
             continue  # tied checkpoints may still carry a copy; the embedding wins
         data = weight.data()
+        if data.dtype == DType.float8_e4m3fn:
+            data = fp8.dequantize(checkpoint_name, data)
         if dtype is not None and data.dtype.is_float() and data.dtype != dtype:
+            casts[str(data.dtype)] += 1
             data = data.astype(dtype)
         weights[name] = data
+    if fp8.dequantized:
+        logger.info(
+            "Qwen3-VL weights: %d float8_e4m3fn tensors dequantized at load with their %s-block "
+            "weight_scale_inv (this device runs no FP8 matmul here)",
+            fp8.dequantized, "x".join(map(str, fp8.block)),
+        )
+    if casts:
+        logger.info(
+            "Qwen3-VL weights: %s cast to %s at load (the checkpoint's dtype differs from the "
+            "model's; on CPU the model computes in float32)",
+            ", ".join(f"{n} {d} tensors" for d, n in sorted(casts.items())), dtype,
+        )
 
-    problems: list[str] = []
+    problems: list[str] = list(fp8.problems)
     layouts: set[ExpertLayout] = set()
     for i in range(tc.num_hidden_layers):
         if not is_moe_layer(tc, i):

@@ -1,0 +1,124 @@
+"""bfloat16 checkpoints (as the releases store them) on CPU with no encoding flag.
+
+The engine resolves float32 on CPU by itself and upcasts the bfloat16 weights
+at load; the reference is transformers loaded in float32 from the same
+bfloat16 files, so both compute in float32 on identical values and the
+float32 tolerance of tests/test_text_model.py applies unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from qwen3vl_moe.checkpoints.convert import (
+    bf16_bits_to_float32,
+    bfloat16_checkpoint,
+    float32_to_bf16_bits,
+    read_safetensors,
+)
+from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. What did the fox do?"}],
+]
+NEW_TOKENS = 32
+
+
+def test_bf16_rounding_matches_torch():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.standard_normal(100_000).astype(np.float32) * np.float32(7),
+        np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, 1e-40, -1e-40], dtype=np.float32),
+        # Exact ties between two bfloat16 values, both parities of the kept bit.
+        bf16_bits_to_float32(np.arange(0x3F80, 0x3F90, dtype=np.uint16)) + np.float32(2.0**-8),
+    ])
+    ours = float32_to_bf16_bits(x)
+    theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(bf16_bits_to_float32(ours), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+
+
+def test_bf16_copy_keeps_layout_and_rounds_every_float(tmp_path):
+    src = tiny_checkpoint("moe")
+    dst = bfloat16_checkpoint("moe")
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    src_files = sorted(p.name for p in src.iterdir())
+    assert sorted(p.name for p in dst.iterdir()) == src_files
+    for shard in sorted(p.name for p in src.glob("*.safetensors")):
+        before, _ = read_safetensors(src / shard)
+        after, _ = read_safetensors(dst / shard)
+        assert set(before) == set(after)
+        for name, t in before.items():
+            assert after[name].dtype == "BF16", name
+            want = torch.from_numpy(t.float32()).to(torch.bfloat16).float().numpy()
+            np.testing.assert_array_equal(after[name].float32(), want, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return bfloat16_checkpoint("moe")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engine_and_log(checkpoint):
+    """The engine with no encoding flag, and what it logged while loading."""
+    from qwen3vl_moe.api import Qwen3VL
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("max.pipelines.qwen3vl_moe")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        engine = Qwen3VL(checkpoint, devices="cpu", max_length=512, max_batch_size=4, echo=True)
+    finally:
+        logger.removeHandler(handler)
+    return engine, records
+
+
+def reference_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.slow
+def test_no_flag_resolves_float32_and_says_so(engine_and_log):
+    engine, records = engine_and_log
+    assert engine.pipeline_config.model.quantization_encoding == "float32"
+    upcasts = [r for r in records if "bfloat16" in r and "float32" in r]
+    assert len(upcasts) == 1, records
+
+
+@pytest.mark.slow
+def test_prefill_logits_match_transformers_float32(engine_and_log, reference):
+    engine, _ = engine_and_log
+    prompts = [out.prompt_token_ids for out in engine.generate(CONVERSATIONS, max_new_tokens=1)]
+    for ids, got in zip(prompts, engine.prefill_logits(CONVERSATIONS), strict=True):
+        ref = reference_logits(reference, ids)
+        tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+        err = float(np.abs(got - ref).max())
+        assert err <= tol, f"prefill logits differ by {err:.3g} (> {tol:.3g}) over {len(ids)} tokens"
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers_float32(engine_and_log, reference):
+    engine, _ = engine_and_log
+    [out] = engine.generate([CONVERSATIONS[1]], max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    seq = list(out.prompt_token_ids)
+    for _ in range(NEW_TOKENS):
+        seq.append(int(reference_logits(reference, seq)[-1].argmax()))
+    assert out.token_ids == seq[len(out.prompt_token_ids):]
