@@ -28,6 +28,7 @@ from max.pipelines.lib.graph_specs import GraphRole, GraphSpec
 
 from .cpu_threads import lower_cpu_worker_priority
 from .kernels import kernel_package
+from .memory import estimate_activation_bytes, largest_step
 from .model_config import Qwen3VLConfig
 from .nn.text_decoder import Qwen3VLTextDecoder
 from .nn.vision import Qwen3VLVisionEncoder
@@ -91,6 +92,11 @@ class Qwen3VLModel(_builtin.Qwen3VLModel):
         (The built-in allocates GPU allreduce signal buffers, which crashes on CPU.)
         """
         return []
+
+    @classmethod
+    def estimate_activation_memory(cls, pipeline_config: Any, huggingface_config: Any) -> int:
+        """Activation bytes of the largest step the pipeline admits (what the memory planner reserves)."""
+        return estimate_activation_bytes(huggingface_config, largest_step(pipeline_config))
 
     def _load_state_dict(self) -> dict[str, Any]:
         adapter = self.adapter or convert_qwen3vl_model_state_dict
