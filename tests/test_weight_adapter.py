@@ -118,8 +118,10 @@ def test_foreign_checkpoint_is_rejected(moe_dir, tmp_path):
 
 
 def test_pipeline_reports_a_wrong_checkpoint_before_compiling(moe_dir, tmp_path):
-    """Loading a broken checkpoint fails fast with the adapter's message."""
+    """Loading a broken checkpoint fails fast, naming the tensor (the file check
+    in front of MAX catches it first; the adapter's check is the second line)."""
     from qwen3vl_moe.api import Qwen3VL
+    from qwen3vl_moe.checkpoints.validate import CheckpointError as CheckpointFileError
 
     broken = tmp_path / "broken"
     shutil.copytree(moe_dir, broken)
@@ -127,5 +129,5 @@ def test_pipeline_reports_a_wrong_checkpoint_before_compiling(moe_dir, tmp_path)
     tensors = load_file(str(shard))
     del tensors["model.language_model.norm.weight"]
     save_file(tensors, str(shard))
-    with pytest.raises(CheckpointError, match=r"missing tensor language_model\.norm\.weight"):
+    with pytest.raises(CheckpointFileError, match=rf"lists model\.language_model\.norm\.weight in {shard.name} but"):
         Qwen3VL(broken, devices="cpu", max_length=128, max_batch_size=1)

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from . import TELEMETRY_OFF  # noqa: F401  (sets the no-telemetry defaults first)
+from .checkpoints.validate import validate_checkpoint
 
 from max.pipelines.context import SamplingParams  # noqa: E402
 from max.pipelines.lib import PIPELINE_REGISTRY, PipelineArgs, PipelineConfig  # noqa: E402
@@ -131,6 +132,7 @@ class Qwen3VL:
         )
         if quantization_encoding is not None:
             kwargs["quantization_encoding"] = quantization_encoding
+        validate_checkpoint(model_path)  # every problem in one message, before MAX touches it
         self.pipeline_config = PipelineConfig.from_args(PipelineArgs.from_flat_kwargs(**kwargs))
         self.tokenizer, self.pipeline = PIPELINE_REGISTRY.retrieve(self.pipeline_config)
         self.model_name = str(model_path)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from max.pipelines.architectures.qwen3vl_moe import model_config as _builtin
 
+from .checkpoints.validate import validate_checkpoint
+
 __all__ = ["Qwen3VLConfig", "VisionConfig", "head_dim", "is_moe_layer", "mrope_section", "rope_theta"]
 
 
@@ -32,6 +34,15 @@ class Qwen3VLConfig(_builtin.Qwen3VLConfig):
         )
         config.vision_config.__class__ = VisionConfig
         return config
+
+    @classmethod
+    def calculate_max_seq_len(cls, huggingface_config, model_config):  # type: ignore[override]
+        """MAX's first call into this architecture that carries the model path
+        (in ``PipelineConfig.from_args``, before memory planning, the tokenizer,
+        the weights and any compile), so ``max serve --custom-architectures``
+        refuses a broken checkpoint here, with every problem in one message."""
+        validate_checkpoint(model_config.model_path)
+        return super().calculate_max_seq_len(huggingface_config, model_config)
 
 
 def head_dim(text_config) -> int:

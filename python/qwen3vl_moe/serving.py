@@ -68,6 +68,10 @@ def serve(args: Sequence[str]) -> int:
     """Runs the server in this process until it is stopped."""
     from max._entrypoints.pipelines import main as max_main
 
+    from .checkpoints.validate import validate_serve_args
+
+    argv = serve_args(args)
+    validate_serve_args(argv)  # before MAX starts: a broken checkpoint is one message, not a crash
     _report_unknown_models()
-    sys.argv = ["max", *serve_args(args)]
+    sys.argv = ["max", *argv]
     return int(max_main() or 0)
