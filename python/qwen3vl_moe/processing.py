@@ -23,6 +23,8 @@ from max.pipelines.architectures.qwen2_5vl.nn.qwen_vl_utils import smart_resize
 from max.pipelines.architectures.qwen3vl_moe import tokenizer as _builtin
 from PIL import Image
 
+from .chat_template import find_chat_template
+
 __all__ = ["ImageProcessor", "Qwen3VLTokenizer"]
 
 
@@ -103,6 +105,8 @@ class Qwen3VLTokenizer(_builtin.Qwen3VLTokenizer):
     def __init__(self, model_path: str, pipeline_config: Any, **kwargs: Any) -> None:
         super().__init__(model_path, pipeline_config, **kwargs)
         self.img_processor = ImageProcessor.from_pretrained(model_path)
+        # AutoTokenizer alone misses chat_template.json (the Qwen3-VL hub layout).
+        self.delegate.chat_template = find_chat_template(model_path).template
 
     def _preprocess_one_clip(self, video_hash: int | None, raw_bytes: bytes) -> Any:
         if not raw_bytes:
