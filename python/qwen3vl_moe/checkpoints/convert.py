@@ -31,6 +31,7 @@ __all__ = [
     "bf16_bits_to_float32",
     "bfloat16_checkpoint",
     "cached_conversion",
+    "cached_directory",
     "float32_to_bf16_bits",
     "read_safetensors",
     "rewrite_checkpoint",
@@ -196,28 +197,33 @@ def write_bfloat16_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLik
     return rewrite_checkpoint(src, dst, to_bfloat16, dtype="bfloat16")
 
 
-def cached_conversion(src: str | os.PathLike[str], suffix: str,
-                      write: Callable[[Path, Path], Path]) -> Path:
-    """``<src>-<suffix>`` beside ``src``, written once by ``write(src, tmp)`` and renamed into place.
+def cached_directory(final: Path, write: Callable[[Path], object]) -> Path:
+    """``final``, written once by ``write(tmp)`` into a temporary sibling and renamed into place.
 
     Concurrent processes see a complete directory or none (as ``tiny_checkpoint``).
     """
-    src = Path(src)
-    final = src.parent / f"{src.name}-{suffix}"
     if final.is_dir():
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=src.parent))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        write(src, tmp)
+        write(tmp)
         tmp.chmod(0o755)
         try:
             os.rename(tmp, final)
         except OSError:
-            if not final.is_dir():
+            if not final.is_dir():  # not a lost race: a real error
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def cached_conversion(src: str | os.PathLike[str], suffix: str,
+                      write: Callable[[Path, Path], Path]) -> Path:
+    """``<src>-<suffix>`` beside ``src``, written once by ``write(src, tmp)``."""
+    src = Path(src)
+    return cached_directory(src.parent / f"{src.name}-{suffix}", lambda tmp: write(src, tmp))
 
 
 def bfloat16_checkpoint(preset: str = "moe", seed: int = 0) -> Path:

@@ -195,4 +195,4 @@ def fp8_checkpoint(preset: str = "moe", seed: int = 0) -> Path:
     """The cached FP8 copy of the tiny checkpoint ``preset``."""
     from .tiny import tiny_checkpoint
 
-    return cached_conversion(tiny_checkpoint(preset, seed), "fp8", lambda s, d: write_fp8_checkpoint(s, d))
+    return cached_conversion(tiny_checkpoint(preset, seed), "fp8", write_fp8_checkpoint)

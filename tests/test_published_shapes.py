@@ -1,0 +1,150 @@
+"""The published Qwen3-VL models' dimensions (2 text + 2 vision layers) against transformers, CPU float32.
+
+For each release in ``qwen3vl_moe.checkpoints.published``: prefill logits of a
+text prompt (and, for 2B and 30B-A3B, of a one-image prompt) within the
+float32 tolerance of tests/test_text_model.py. transformers runs first and is
+freed before this package loads, so one model is in memory at a time; a
+release whose float32 weights cannot fit beside that in the memory available
+is skipped, saying how much it needs. Load time and peak RSS of both are
+printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen3vl_moe.checkpoints.published import PUBLISHED, float32_bytes, published_checkpoint, published_config
+
+pytestmark = pytest.mark.slow
+
+TEXT = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. What did the fox do?"}]
+WITH_IMAGE = {"2b", "30b-a3b"}
+# Peak memory per byte of float32 weights while one model loads (weights plus
+# the file pages being read), and what the process holds besides.
+LOAD_FACTOR, BASELINE_BYTES = 2.0, 3 * 2**30
+
+
+def image_conversation() -> list[dict]:
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (18, 26, 3), dtype=np.uint8)
+    picture = Image.fromarray(small, "RGB").resize((96, 64), Image.Resampling.BILINEAR)
+    return [{"role": "user", "content": [{"type": "image", "image": picture},
+                                         {"type": "text", "text": "What is in the picture?"}]}]
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise KeyError("MemAvailable")
+
+
+class Measured:
+    """Wall time and peak RSS (VmHWM, reset first) of a block."""
+
+    def __enter__(self) -> Measured:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        self.rss_before = _status("VmRSS")
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self.peak = _status("VmHWM")
+
+    def __str__(self) -> str:
+        return f"{self.seconds:.1f} s, peak RSS {self.peak / 2**30:.2f} GiB (from {self.rss_before / 2**30:.2f})"
+
+
+def hf_inputs(processor, conv) -> dict:
+    images = [p["image"] for m in conv for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
+    if not images:
+        return dict(processor(text=[processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)],
+                              return_tensors="pt"))
+    chat = [{**m, "content": [{"type": p["type"]} if p["type"] == "image" else p for p in m["content"]]} for m in conv]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    return dict(processor(text=[text], images=images, return_tensors="pt"))
+
+
+@pytest.fixture(scope="module", params=list(PUBLISHED))
+def name(request) -> str:
+    need = LOAD_FACTOR * float32_bytes(published_config(request.param)) + BASELINE_BYTES
+    have = _available_bytes()
+    if have < need:
+        pytest.skip(f"{request.param}: 2 text + 2 vision layers need about {need / 2**30:.0f} GiB to load "
+                    f"(float32 weights x{LOAD_FACTOR:g} + {BASELINE_BYTES / 2**30:.0f} GiB), "
+                    f"{have / 2**30:.0f} GiB available")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def checkpoint(name):
+    return published_checkpoint(name)
+
+
+@pytest.fixture(scope="module")
+def conversations(name):
+    return {"text": TEXT, **({"image": image_conversation()} if name in WITH_IMAGE else {})}
+
+
+@pytest.fixture(scope="module")
+def reference(name, checkpoint, conversations):
+    """transformers' prompt ids and float32 logits per conversation; the model is freed afterwards."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
+    with Measured() as load:
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    print(f"\n[{name}] transformers load: {load}")
+    out = {}
+    with torch.no_grad():
+        for key, conv in conversations.items():
+            inputs = hf_inputs(processor, conv)
+            out[key] = (inputs["input_ids"][0].tolist(), model(**inputs).logits[0].float().numpy())
+    del model
+    gc.collect()
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(name, checkpoint, reference):
+    from qwen3vl_moe.api import Qwen3VL
+
+    with Measured() as load:
+        engine = Qwen3VL(checkpoint, devices="cpu", max_length=512, max_batch_size=1, echo=True)
+    print(f"\n[{name}] qwen3vl_moe load (graph compile included): {load}")
+    yield engine
+    del engine
+    gc.collect()
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_prefill_logits_match_transformers(name, engine, reference, conversations, kind):
+    if kind not in conversations:
+        pytest.skip(f"{name}: the image prompt runs for {sorted(WITH_IMAGE)} only")
+    ids, ref = reference[kind]
+    [got] = engine.prefill_logits([conversations[kind]])
+    prompt = engine.generate([conversations[kind]], max_new_tokens=1)[0].prompt_token_ids
+    assert prompt == ids
+    assert got.shape == ref.shape
+    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(got - ref).max())
+    assert err <= tol, f"{name} {kind}: prefill logits differ by {err:.3g} (> {tol:.3g}) over {len(ids)} tokens"
