@@ -668,33 +668,30 @@ def write_sharded_safetensors(
     one shard is held in memory. Returns the shard file names.
     """
     out = Path(out_dir)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
-    tmp_names: list[str] = []
+    shard: dict[str, np.ndarray] = {}
+    shard_bytes = total = 0
+    written: list[str] = []  # temporary names, renamed once the shard count is known
+    shard_of: dict[str, int] = {}
 
     def flush() -> None:
-        name = f".shard-{len(tmp_names):05d}.tmp"
-        _write_safetensors(out / name, shards[-1])
-        tmp_names.append(name)
+        written.append(f".shard-{len(written):05d}.tmp")
+        _write_safetensors(out / written[-1], shard)
 
-    weight_map_tmp: dict[str, int] = {}
-    total = 0
     for name, array in tensors:
-        if shards[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
+        if shard and shard_bytes + array.nbytes > max_shard_bytes:
             flush()
-            shards[-1], sizes[-1] = {}, 0
-        shards[-1][name] = array
-        sizes[-1] += array.nbytes
-        weight_map_tmp[name] = len(tmp_names)
+            shard, shard_bytes = {}, 0
+        shard[name] = array
+        shard_bytes += array.nbytes
         total += array.nbytes
+        shard_of[name] = len(written)
     flush()
-    count = len(tmp_names)
-    files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    for tmp, final in zip(tmp_names, files):
+    files = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+    for tmp, final in zip(written, files):
         os.replace(out / tmp, out / final)
     index = {
         "metadata": {"total_size": total},
-        "weight_map": {name: files[i] for name, i in sorted(weight_map_tmp.items())},
+        "weight_map": {name: files[i] for name, i in sorted(shard_of.items())},
     }
     (out / INDEX_FILE).write_text(_json(index), encoding="utf-8")
     return files
@@ -706,12 +703,8 @@ def default_shard_bytes(config: Mapping[str, Any]) -> int:
     return max(64 * 1024, -(-total // 3))
 
 
-def build_model(checkpoint_dir: str | os.PathLike[str], seed: int | None = None) -> Any:
-    """The float32 transformers model loaded from a written checkpoint (needs torch).
-
-    ``seed`` is accepted for compatibility and ignored: the weights are the ones on disk.
-    """
-    del seed
+def build_model(checkpoint_dir: str | os.PathLike[str]) -> Any:
+    """The float32 transformers model of a written checkpoint, loaded from its files (needs torch)."""
     import torch
     import transformers
 
