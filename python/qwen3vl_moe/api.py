@@ -35,6 +35,8 @@ from max.pipelines.lib import PIPELINE_REGISTRY, PipelineArgs, PipelineConfig  #
 from max.pipelines.lib.generate import GenerateIterator  # noqa: E402
 from max.pipelines.modeling.types import RequestID, TextGenerationRequest  # noqa: E402
 
+from .max_compat import pipeline_model_of  # noqa: E402
+
 Message = Mapping[str, Any]
 
 
@@ -144,7 +146,7 @@ class Qwen3VL:
         """
         if not self.pipeline_config.model.enable_echo:
             raise ValueError("prefill_logits needs a model loaded with echo=True")
-        model = self.pipeline._pipeline_model
+        model = pipeline_model_of(self.pipeline)
         captured: list[tuple[np.ndarray, np.ndarray]] = []
         execute = model.execute
 

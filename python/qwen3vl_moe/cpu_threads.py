@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
+
+from .max_compat import MAX_CPU_WORKER_THREAD_NAME
 
 logger = logging.getLogger(__name__)
 
 WORKER_NICENESS = 10  # relative weight ~1/10 of a nice-0 thread under CFS
-_WORKER_NAME = re.compile(r"Thread\d+$")
 
 
 def lower_cpu_worker_priority(niceness: int = WORKER_NICENESS) -> int:
@@ -43,7 +43,7 @@ def lower_cpu_worker_priority(niceness: int = WORKER_NICENESS) -> int:
         try:
             with open(f"/proc/self/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
                 name = f.read().strip()
-            if _WORKER_NAME.search(name) and os.getpriority(os.PRIO_PROCESS, int(tid)) < niceness:
+            if MAX_CPU_WORKER_THREAD_NAME.search(name) and os.getpriority(os.PRIO_PROCESS, int(tid)) < niceness:
                 os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
                 changed += 1
         except OSError as exc:  # thread gone, or not permitted

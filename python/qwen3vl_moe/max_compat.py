@@ -48,6 +48,94 @@ def check_max_version() -> str:
 MAX_VERSION = check_max_version()
 
 
+
+# ---------------------------------------------------------------------------
+# MAX's built-in Qwen3-VL architecture, reused.
+#
+# The pipeline model, configs, tokenizer, request context and batch processor
+# of ``max.pipelines.architectures.qwen3vl_moe`` define the inputs contract
+# this package honours (its tokenizer renders the chat template and computes
+# the 3-D positions exactly as transformers does; tested). They are another
+# architecture's modules, not MAX's public API, so they are imported here
+# only. Relied on beyond their public names: the built-in model's
+# ``_load_state_dict`` / ``_create_model_config`` hooks (overridden by
+# ``model.Qwen3VLModel``); the built-in tokenizer's
+# ``_preprocess_one_clip`` (overridden for precise video errors) and its
+# ``img_processor`` attribute (replaced by the transformers-exact processor).
+
+from max.pipelines.architectures.qwen2_5vl.nn.qwen_vl_utils import smart_resize as smart_resize  # noqa: E402
+from max.pipelines.architectures.qwen3vl_moe.batch_processor import Qwen3VLMoeBatchProcessor as Qwen3VLMoeBatchProcessor  # noqa: E402
+from max.pipelines.architectures.qwen3vl_moe.context import Qwen3VLTextAndVisionContext as Qwen3VLTextAndVisionContext  # noqa: E402
+from max.pipelines.architectures.qwen3vl_moe.model import Qwen3VLInputs as Qwen3VLInputs  # noqa: E402
+from max.pipelines.architectures.qwen3vl_moe.model import Qwen3VLModel as BuiltinQwen3VLModel  # noqa: E402
+from max.pipelines.architectures.qwen3vl_moe.model_config import (  # noqa: E402
+    Qwen3VLConfig as BuiltinQwen3VLConfig,
+    VisionConfig as BuiltinVisionConfig,
+)
+from max.pipelines.architectures.qwen3vl_moe.tokenizer import Qwen3VLTokenizer as BuiltinQwen3VLTokenizer  # noqa: E402
+
+
+def _require(owner: type, names: tuple[str, ...]) -> None:
+    missing = [name for name in names if not hasattr(owner, name)]
+    if missing:
+        raise ImportError(
+            f"MAX {MAX_VERSION}: {owner.__module__}.{owner.__qualname__} no longer has {missing}, which "
+            "qwen3vl_moe overrides (see python/qwen3vl_moe/max_compat.py)"
+        )
+
+
+_require(BuiltinQwen3VLModel, ("_load_state_dict", "_create_model_config", "graph_specs", "execute"))
+_require(BuiltinQwen3VLTokenizer, ("_preprocess_one_clip", "new_context"))
+
+
+def pipeline_model_of(pipeline: Any) -> Any:
+    """The pipeline model inside a text-generation pipeline (MAX keeps it in ``_pipeline_model``)."""
+    return pipeline._pipeline_model
+
+
+# ---------------------------------------------------------------------------
+# Graph groups: one package listed once per compile group.
+#
+# ``compile_graphs`` compiles the graphs of one group with the concatenation
+# of their members' ``custom_extensions``, and a package listed twice fails
+# ("kernel ... registered multiple times"). So a package shared by two graphs
+# is listed by one member and named by the others for tracing only.
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from max.pipelines.lib.graph_specs import GraphSpec  # noqa: E402
+
+
+@dataclass(frozen=True)
+class GroupMemberSpec(GraphSpec):
+    """A graph that also uses packages another graph of its group lists (for tracing only)."""
+
+    listed_by_group: tuple[Path, ...] = ()
+
+    def trace(self, module: Any = None) -> Any:
+        return self.module.trace(
+            *self.input_types,
+            name=self.name,
+            module=module,
+            custom_extensions=(*self.custom_extensions, *self.listed_by_group),
+            is_device_graph=self.is_device_graph,
+        )
+
+
+# ---------------------------------------------------------------------------
+# MAX's CPU worker threads, by name.
+#
+# MAX 26.7's CPU runtime names its worker threads "Thread0", "Thread1", ...
+# (one per core); cpu_threads lowers their priority by that name, since MAX
+# offers no working knob for their busy-wait (``MODULAR_THREAD_BUSY_WAIT_US``
+# and ``InferenceSession(num_threads=...)`` abort).
+
+import re  # noqa: E402
+
+MAX_CPU_WORKER_THREAD_NAME = re.compile(r"Thread\d+$")
+
+
 # ---------------------------------------------------------------------------
 # CPU runs float32 when no encoding is asked for.
 #

@@ -9,31 +9,19 @@ expert-layout decisions are taken from the checkpoint config, never guessed.
 
 from __future__ import annotations
 
-from max.pipelines.architectures.qwen3vl_moe import model_config as _builtin
-
+from .max_compat import BuiltinQwen3VLConfig, BuiltinVisionConfig
 from .checkpoints.validate import validate_checkpoint
 
 __all__ = ["Qwen3VLConfig", "VisionConfig", "head_dim", "is_moe_layer", "mrope_section", "rope_theta"]
 
 
-class VisionConfig(_builtin.VisionConfig):
-    """Vision encoder configuration (fields of MAX's built-in ``VisionConfig``)."""
+# The vision encoder configuration is MAX's built-in one as it is: the same
+# class, so ``Qwen3VLConfig.vision_config`` is an instance of it.
+VisionConfig = BuiltinVisionConfig
 
 
-class Qwen3VLConfig(_builtin.Qwen3VLConfig):
-    """Whole-model configuration (fields of MAX's built-in ``Qwen3VLConfig``).
-
-    ``initialize_from_config`` builds a built-in ``VisionConfig``; it is
-    re-typed here so callers always get this package's class.
-    """
-
-    @classmethod
-    def initialize_from_config(cls, pipeline_config, huggingface_config, *, max_seq_len):  # type: ignore[override]
-        config = super().initialize_from_config(
-            pipeline_config, huggingface_config, max_seq_len=max_seq_len
-        )
-        config.vision_config.__class__ = VisionConfig
-        return config
+class Qwen3VLConfig(BuiltinQwen3VLConfig):
+    """Whole-model configuration (fields of MAX's built-in ``Qwen3VLConfig``)."""
 
     @classmethod
     def calculate_max_seq_len(cls, huggingface_config, model_config):  # type: ignore[override]
