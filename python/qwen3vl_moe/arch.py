@@ -18,6 +18,7 @@ from .max_compat import default_cpu_encoding_to_float32
 from .model import Qwen3VLModel
 from .model_config import Qwen3VLConfig
 from .processing import Qwen3VLTokenizer
+from .serving import install_server_hooks
 from .weight_adapters import convert_qwen3vl_model_state_dict
 
 # Activations of the largest supported step, kept out of the KV cache budget.
@@ -63,3 +64,7 @@ ARCHITECTURES = [qwen3vl_moe_arch, qwen3vl_arch]
 # bfloat16 and FP8 checkpoints on CPU run float32 with no encoding flag
 # (upcast or dequantized at load by the weight adapter); GPUs keep bfloat16.
 default_cpu_encoding_to_float32(Qwen3VLModel)
+
+# `max serve --custom-architectures qwen3vl_moe` imports this module: the one
+# point where the package can put its request checks on the server.
+install_server_hooks()

@@ -28,6 +28,7 @@ from max.pipelines.lib.graph_specs import GraphRole, GraphSpec
 
 from .cpu_threads import lower_cpu_worker_priority
 from .kernels import kernel_package
+from .max_compat import fail_batch_on_execute_error
 from .memory import estimate_activation_bytes, largest_step
 from .model_config import Qwen3VLConfig
 from .nn.text_decoder import Qwen3VLTextDecoder
@@ -192,3 +193,8 @@ class Qwen3VLModel(_builtin.Qwen3VLModel):
         if len(outputs) == 3:
             return ModelOutputs(next_token_logits=outputs[0], logits=outputs[1], logit_offsets=outputs[2])
         return ModelOutputs(next_token_logits=outputs[0], logits=outputs[0])
+
+
+# The model worker imports this module (the pipeline names this class), so this
+# is where a failing batch is made to fail its requests rather than the worker.
+fail_batch_on_execute_error(Qwen3VLModel)

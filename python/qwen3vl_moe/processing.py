@@ -11,8 +11,10 @@ transformers' PIL-backend processor does, with the checkpoint's own
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,11 @@ import numpy as np
 import numpy.typing as npt
 from max.pipelines.architectures.qwen2_5vl.nn.qwen_vl_utils import smart_resize
 from max.pipelines.architectures.qwen3vl_moe import tokenizer as _builtin
+from max.pipelines.context import InputError, PromptTooLongError
 from PIL import Image
 
 from .chat_template import find_chat_template
+from .request_validation import check_image_sizes, check_token_ids
 
 __all__ = ["ImageProcessor", "Qwen3VLTokenizer"]
 
@@ -115,3 +119,62 @@ class Qwen3VLTokenizer(_builtin.Qwen3VLTokenizer):
             return super()._preprocess_one_clip(video_hash, raw_bytes)
         except av.error.FFmpegError as e:
             raise ValueError(f"could not decode video ({len(raw_bytes)} bytes): {e}") from e
+
+    # --- request checks before any preprocessing (issue 12) ---
+
+    async def new_context(self, request: Any) -> Any:
+        """MAX's context, after the checks that need this model: token ids inside
+        the vocabulary, images the processor can resize and whose tokens fit the
+        context (from their headers, before any pixel is preprocessed), and
+        ``max_tokens`` that fits after the prompt. Errors name ``--max-length``."""
+        if request.prompt is not None and not isinstance(request.prompt, str):
+            check_token_ids(request.prompt, self._model_vocab_size)
+        if request.images:
+            sizes = [_header_size(raw) for raw in request.images]
+            check_image_sizes(sizes)
+            self._check_fits(sum(_image_tokens(self.img_processor, w, h) for w, h in sizes), "the images alone take")
+        try:
+            context = await super().new_context(request)
+        except PromptTooLongError as e:
+            self._check_fits(e.num_tokens, "the prompt takes")
+            raise
+        wanted = request.sampling_params.max_new_tokens
+        prompt_tokens = context.tokens.prompt_length
+        if wanted is not None and self.max_length and prompt_tokens + wanted > self.max_length:
+            raise InputError(
+                f"max_tokens = {wanted} does not fit: the prompt takes {prompt_tokens} of the server's "
+                f"--max-length {self.max_length} tokens, leaving {self.max_length - prompt_tokens}; ask for "
+                f"at most that many, or restart the server with --max-length >= {prompt_tokens + wanted}"
+            )
+        return context
+
+    def _check_fits(self, tokens: int, what: str) -> None:
+        if self.max_length and tokens > self.max_length:
+            raise InputError(
+                f"Prompt is too long: {what} {tokens} tokens, more than the server's --max-length of "
+                f"{self.max_length}; send fewer or smaller images or shorter text, or restart the server "
+                f"with --max-length >= {tokens} (plus room for the reply)"
+            )
+
+    @cached_property
+    def _model_vocab_size(self) -> int:
+        """Rows of the embedding table that both the model and the tokenizer know."""
+        from transformers.utils import cached_file
+
+        path = cached_file(str(self.model_path), "config.json")
+        config = json.loads(Path(path).read_text()) if path else {}
+        rows = config.get("text_config", config).get("vocab_size", self.tokenizer_vocab_size)
+        return min(int(rows), self.tokenizer_vocab_size)
+
+
+def _image_tokens(processor: ImageProcessor, width: int, height: int) -> int:
+    """The placeholder tokens an image of this size expands to, computed as the processor resizes it."""
+    factor = processor.patch_size * processor.merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=processor.min_pixels, max_pixels=processor.max_pixels)
+    return (h // factor) * (w // factor)
+
+
+def _header_size(raw: bytes) -> tuple[int, int]:
+    """An image's (width, height) from its header; no pixel is decoded."""
+    with Image.open(io.BytesIO(raw)) as image:
+        return image.size

@@ -2,15 +2,22 @@
 
 Defaults suited to a local, offline machine: CPU, 127.0.0.1, telemetry off,
 and the tiny seeded checkpoint when no model is named. Any ``max serve`` flag
-passes through. One MAX behaviour is sharpened: a request naming a model the
-server does not serve gets a 404 that says which model is served, instead of
-MAX's bare "Value error.".
+passes through.
+
+Whichever way the server is started (``qwen3vl-moe serve`` or ``max serve
+--custom-architectures qwen3vl_moe``), importing the architecture installs
+two things on it: every chat/completions/embeddings request is checked
+against ``request_validation`` before MAX parses it (a refusal is a 4xx that
+names the field and the rule, a model the server does not serve is a 404
+naming the served one). ``model.py`` makes a batch whose graph raises fail
+its requests instead of ending the model worker and the server.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import TELEMETRY_OFF  # noqa: F401  (sets the no-telemetry defaults before MAX loads)
 
@@ -43,25 +50,109 @@ def serve_args(args: Sequence[str]) -> list[str]:
     return out
 
 
-def _report_unknown_models() -> None:
-    """Unknown model names become a 404 naming the served model."""
-    from fastapi import HTTPException
-    from max.serve.router import openai_routes
+VALIDATED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
-    lookup = openai_routes.get_pipeline
-    if getattr(lookup, "_qwen3vl_moe", False):
-        return
 
-    def get_pipeline(request, model_name):  # type: ignore[no-untyped-def]
+def server_facts(app: Any) -> Any:
+    """What ``request_validation`` needs to know, read off MAX's running app."""
+    from max.pipelines.modeling.types import PipelineTask
+
+    from .request_validation import ServerFacts
+
+    pipeline = app.state.pipeline
+    served = [pipeline.model_name]
+    if pipeline.lora_queue:
+        served += pipeline.lora_queue.list_loras()
+    config = app.state.pipeline_config.model.huggingface_config
+    return ServerFacts(
+        served_models=tuple(served),
+        vocab_size=int(getattr(config, "text_config", config).vocab_size),
+        allowed_image_roots=tuple(app.state.settings.allowed_image_roots),
+        serves_embeddings=app.state.task == PipelineTask.EMBEDDINGS_GENERATION,
+    )
+
+
+class RequestValidation:
+    """ASGI middleware: refuses a request that breaks a rule of ``request_validation``
+    with the status and message it names, before MAX parses the body.
+
+    Sits inside MAX's body-size limit, so the body it reads is already bounded.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in VALIDATED_PATHS:
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        raw = b"".join(chunks)
+        from .request_validation import Refusal, check_request, parse_body
+
         try:
-            return lookup(request, model_name)
-        except ValueError as e:
-            if str(e).startswith("Unknown model"):
-                raise HTTPException(status_code=404, detail=str(e)) from e
-            raise
+            check_request(scope["path"], parse_body(raw), server_facts(scope["app"]))
+        except Refusal as refusal:
+            return await _refuse(scope, receive, send, refusal.status, str(refusal))
+        replayed = False
 
-    get_pipeline._qwen3vl_moe = True  # type: ignore[attr-defined]
-    openai_routes.get_pipeline = get_pipeline
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later calls watch for the client's disconnect
+            replayed = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _refuse(scope: dict, receive: Any, send: Any, status: int, message: str) -> None:
+    """Answers with MAX's own error envelope, through the app's HTTPException handler."""
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    handler = scope["app"].exception_handlers[HTTPException]
+    response = await handler(Request(scope, receive), HTTPException(status_code=status, detail=message))
+    await response(scope, receive, send)
+
+
+def _say_why(handler: Any) -> Any:
+    """MAX answers a ValueError raised while handling a request as a bare "Value error.";
+    the client gets the error's own message instead."""
+
+    async def say_why(request: Any, exc: Any) -> Any:
+        from fastapi import HTTPException
+
+        cause = exc.__cause__
+        if exc.detail == "Value error." and isinstance(cause, ValueError) and str(cause):
+            exc = HTTPException(status_code=exc.status_code, detail=str(cause), headers=exc.headers)
+        return await handler(request, exc)
+
+    return say_why
+
+
+def install_request_checks(app: Any) -> None:
+    """Puts the request rules and the precise error messages on MAX's app."""
+    from fastapi import HTTPException
+    from starlette.middleware import Middleware
+
+    app.user_middleware.append(Middleware(RequestValidation))  # innermost: after MAX's body-size limit
+    app.add_exception_handler(HTTPException, _say_why(app.exception_handlers[HTTPException]))
+
+
+def install_server_hooks() -> None:
+    """Every ``max serve`` in this process checks requests before any graph runs.
+
+    (A failing batch failing its requests, not the server, is installed where
+    the model worker runs: on import of ``model.py``.)"""
+    from .max_compat import on_serving_app
+
+    on_serving_app(install_request_checks)
 
 
 def serve(args: Sequence[str]) -> int:
@@ -72,6 +163,6 @@ def serve(args: Sequence[str]) -> int:
 
     argv = serve_args(args)
     validate_serve_args(argv)  # before MAX starts: a broken checkpoint is one message, not a crash
-    _report_unknown_models()
+    install_server_hooks()
     sys.argv = ["max", *argv]
     return int(max_main() or 0)
