@@ -265,3 +265,14 @@ def test_qwen3vl_moe_serve_refuses_before_starting_max(broken, monkeypatch):
     with pytest.raises(CheckpointError, match="weight_map"):
         serving.serve(["--model-path", str(broken)])
     assert not started
+
+
+def test_serve_args_are_checked_in_both_flag_forms(broken, good):
+    from qwen3vl_moe.checkpoints.validate import validate_serve_args
+
+    (broken / "tokenizer.json").unlink()
+    validate_serve_args(["serve", "--model-path", str(good), "--devices", "cpu"])
+    validate_serve_args(["serve", "--model", "Qwen/Qwen3-VL-2B-Instruct"])  # a hub id: left to the loader
+    for args in (["--model-path", str(broken)], [f"--model-path={broken}"], ["--model", str(broken)]):
+        with pytest.raises(CheckpointError, match="tokenizer.json: missing"):
+            validate_serve_args(["serve", *args])
