@@ -8,21 +8,16 @@ MAX's with transformers-exact image preprocessing (``processing.py``).
 from __future__ import annotations
 
 from max.graph.weights import WeightsFormat
-from max.pipelines.architectures.qwen3vl_moe.batch_processor import Qwen3VLMoeBatchProcessor
-from max.pipelines.architectures.qwen3vl_moe.context import Qwen3VLTextAndVisionContext
-from max.pipelines.kv_cache.memory_planner import PagedMemoryPlanner
 from max.pipelines.lib import SupportedArchitecture
 from max.pipelines.modeling.types import InputModality, PipelineTask
 
-from .max_compat import default_cpu_encoding_to_float32
+from .max_compat import Qwen3VLMoeBatchProcessor, Qwen3VLTextAndVisionContext, default_cpu_encoding_to_float32
+from .memory import Qwen3VLMemoryPlanner
 from .model import Qwen3VLModel
 from .model_config import Qwen3VLConfig
 from .processing import Qwen3VLTokenizer
 from .serving import install_server_hooks
 from .weight_adapters import convert_qwen3vl_model_state_dict
-
-# Activations of the largest supported step, kept out of the KV cache budget.
-_ACTIVATION_RESERVATION_BYTES = 2 * 1024**3
 
 
 def _architecture(name: str, example_repo_ids: list[str]) -> SupportedArchitecture:
@@ -42,9 +37,7 @@ def _architecture(name: str, example_repo_ids: list[str]) -> SupportedArchitectu
         context_type=Qwen3VLTextAndVisionContext,
         required_arguments={"enable_chunked_prefill": False},
         config=Qwen3VLConfig,
-        memory_planner=PagedMemoryPlanner.with_activation_reservation(
-            _ACTIVATION_RESERVATION_BYTES, always_signal_buffers=True
-        ),
+        memory_planner=Qwen3VLMemoryPlanner,
         supports_overlap_scheduler=False,
         supports_device_graph_capture=False,
     )

@@ -9,26 +9,27 @@ expert layout is checked rather than assumed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 from max import tree
-from max.driver import Buffer
-from max.graph import Graph
-from max.graph import Module as GraphModule
+from max.driver import CPU, Buffer
+from max.engine import InferenceSession, Model
 from max.graph.weights import WeightData
 from max.nn.layer import Module
-from max.pipelines.architectures.qwen3vl_moe import model as _builtin
-from max.pipelines.architectures.qwen3vl_moe.batch_processor import Qwen3VLMoeBatchProcessor
-from max.pipelines.architectures.qwen3vl_moe.model import Qwen3VLInputs
 from max.pipelines.lib import ModelInputs, ModelOutputs
 from max.pipelines.lib.graph_specs import GraphRole, GraphSpec
 
 from .cpu_threads import lower_cpu_worker_priority
 from .kernels import kernel_package
-from .max_compat import fail_batch_on_execute_error
+from .max_compat import (
+    BuiltinQwen3VLModel,
+    GroupMemberSpec,
+    Qwen3VLInputs,
+    Qwen3VLMoeBatchProcessor,
+    fail_batch_on_execute_error,
+)
 from .memory import estimate_activation_bytes, largest_step
 from .model_config import Qwen3VLConfig
 from .nn.text_decoder import Qwen3VLTextDecoder
@@ -38,28 +39,6 @@ from .weight_adapters import checkpoint_expert_layout, convert_qwen3vl_model_sta
 __all__ = ["Qwen3VLInputs", "Qwen3VLModel"]
 
 _COMPILE_GROUP = "qwen3vl_moe"
-
-
-@dataclass(frozen=True)
-class _GroupMemberSpec(GraphSpec):
-    """A graph that also uses packages another graph of its group lists.
-
-    A graph is traced with its own extension list, but a group compiles with
-    the concatenation of its members' lists, where a package listed twice
-    fails ("kernel ... registered multiple times"). So a shared package is
-    listed by one member and named here, for tracing only, by the others.
-    """
-
-    listed_by_group: tuple[Path, ...] = ()
-
-    def trace(self, module: GraphModule | None = None) -> Graph:
-        return self.module.trace(
-            *self.input_types,
-            name=self.name,
-            module=module,
-            custom_extensions=(*self.custom_extensions, *self.listed_by_group),
-            is_device_graph=self.is_device_graph,
-        )
 
 
 class Qwen3VLGraphs(Module):
@@ -74,7 +53,7 @@ class Qwen3VLGraphs(Module):
         raise TypeError("Qwen3VLGraphs is a container; trace its graph modules instead")
 
 
-class Qwen3VLModel(_builtin.Qwen3VLModel):
+class Qwen3VLModel(BuiltinQwen3VLModel):
     """Qwen3-VL (MoE or dense) on MAX, CPU and GPU."""
 
     model_config_cls: ClassVar[type[Any]] = Qwen3VLConfig
@@ -98,6 +77,49 @@ class Qwen3VLModel(_builtin.Qwen3VLModel):
     def estimate_activation_memory(cls, pipeline_config: Any, huggingface_config: Any) -> int:
         """Activation bytes of the largest step the pipeline admits (what the memory planner reserves)."""
         return estimate_activation_bytes(huggingface_config, largest_step(pipeline_config))
+
+    @classmethod
+    def calculate_max_seq_len(cls, pipeline_config: Any, huggingface_config: Any) -> int:
+        """The resolved maximum sequence length (the seed API's signature; MAX 26.7 asks the config class)."""
+        return Qwen3VLConfig.calculate_max_seq_len(huggingface_config, pipeline_config.model)
+
+    def load_model(self, session: InferenceSession) -> tuple[Model, Model]:
+        """(vision_model, language_model), compiled (or loaded from MAX's cache) in ``session``."""
+        models = self.load_graphs(session)
+        return models[GraphRole.VISION], models[GraphRole.DECODER]
+
+    def prepare_next_token_inputs(self, next_tokens: Buffer, prev_model_inputs: ModelInputs) -> Qwen3VLInputs:
+        """Inputs of the decode step after ``prev_model_inputs``: one token per row.
+
+        Each row's new token sits one past the largest 3-D position of its
+        row's last step, in all three sections, as MAX's batch processor and
+        transformers place text after text or images. The KV cache inputs are
+        the previous step's: the caller advances them through its KV cache
+        manager (in MAX 26.7 the batch processor builds decode inputs; this
+        keeps the seed API's single-step helper).
+        """
+        assert isinstance(prev_model_inputs, Qwen3VLInputs)
+        host = CPU()
+        offsets = prev_model_inputs.input_row_offsets[0].to(host).to_numpy().astype(np.int64)
+        positions = prev_model_inputs.decoder_position_ids.to(host).to_numpy()
+        batch = len(offsets) - 1
+        if int(next_tokens.shape[0]) != batch:
+            raise ValueError(f"next_tokens has {next_tokens.shape[0]} rows; the previous step had {batch}")
+        following = positions[:, offsets[1:] - 1].max(axis=0) + 1
+        row_offsets = Buffer.from_numpy(np.arange(batch + 1, dtype=np.uint32))
+        batch_processor = self.batch_processor
+        assert isinstance(batch_processor, Qwen3VLMoeBatchProcessor)
+        return Qwen3VLInputs(
+            tokens=next_tokens,
+            input_row_offsets=[row_offsets.to(device) for device in self.devices],
+            signal_buffers=self.signal_buffers,
+            decoder_position_ids=Buffer.from_numpy(np.ascontiguousarray(
+                np.broadcast_to(following, (positions.shape[0], batch)), dtype=np.int64,
+            )),
+            return_n_logits=prev_model_inputs.return_n_logits,
+            kv_cache_inputs=prev_model_inputs.kv_cache_inputs,
+            image_token_indices=batch_processor.empty_image_token_indices(),
+        )
 
     def _load_state_dict(self) -> dict[str, Any]:
         adapter = self.adapter or convert_qwen3vl_model_state_dict
@@ -145,7 +167,7 @@ class Qwen3VLModel(_builtin.Qwen3VLModel):
                 group=_COMPILE_GROUP,
                 custom_extensions=(kernel_package("vision"), kernel_package("attention")),
             ),
-            GraphRole.DECODER: _GroupMemberSpec(
+            GraphRole.DECODER: GroupMemberSpec(
                 decoder,
                 "qwen3vl_language",
                 tuple(tree.leaves(decoder.input_tree(self.kv_params))),
@@ -176,9 +198,10 @@ class Qwen3VLModel(_builtin.Qwen3VLModel):
                     f"but the vision encoder produced {merged.shape[0]} embeddings"
                 )
         else:
-            assert isinstance(self._batch_processor, Qwen3VLMoeBatchProcessor)
-            image_embeddings, deepstack_embeddings = self._batch_processor.empty_image_embeddings()
-            image_token_indices = self._batch_processor.empty_image_token_indices()
+            batch_processor = self.batch_processor
+            assert isinstance(batch_processor, Qwen3VLMoeBatchProcessor)
+            image_embeddings, deepstack_embeddings = batch_processor.empty_image_embeddings()
+            image_token_indices = batch_processor.empty_image_token_indices()
 
         outputs = self.language_model.execute(
             model_inputs.tokens,
