@@ -256,7 +256,7 @@ def convert_qwen3vl_model_state_dict(
         if data.dtype == DType.float8_e4m3fn:
             data = fp8.dequantize(checkpoint_name, data)
         if dtype is not None and data.dtype.is_float() and data.dtype != dtype:
-            casts[str(data.dtype)] += 1
+            casts[data.dtype.name] += 1
             data = data.astype(dtype)
         weights[name] = data
     if fp8.dequantized:
@@ -267,9 +267,9 @@ def convert_qwen3vl_model_state_dict(
         )
     if casts:
         logger.info(
-            "Qwen3-VL weights: %s cast to %s at load (the checkpoint's dtype differs from the "
-            "model's; on CPU the model computes in float32)",
-            ", ".join(f"{n} {d} tensors" for d, n in sorted(casts.items())), dtype,
+            "Qwen3-VL weights: %s cast to %s at load, the dtype the model computes in "
+            "(float32 on CPU unless --quantization-encoding says otherwise)",
+            ", ".join(f"{n} {d} tensors" for d, n in sorted(casts.items())), dtype.name,
         )
 
     problems: list[str] = list(fp8.problems)
