@@ -9,7 +9,6 @@ generates through the Python API.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import shutil
 
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 import transformers
 from PIL import Image
-
 from qwen3vl_moe.chat_template import MissingChatTemplateError, find_chat_template
 from qwen3vl_moe.checkpoints import tiny
 
@@ -137,8 +135,8 @@ def test_malformed_template_entry_names_the_file(checkpoints, tmp_path):
 @pytest.fixture(scope="module")
 def tokenizers(checkpoints) -> dict:
     """This package's request tokenizer per placement (no graph compile)."""
-    from qwen3vl_moe import TELEMETRY_OFF  # noqa: F401
     from max.pipelines.lib import PIPELINE_REGISTRY, PipelineArgs, PipelineConfig
+    from qwen3vl_moe import TELEMETRY_OFF  # noqa: F401
 
     out = {}
     for placement, path in checkpoints.items():
@@ -152,7 +150,6 @@ def tokenizers(checkpoints) -> dict:
 def _prompt_ids(tokenizer, messages) -> list[int]:
     from max.pipelines.context import SamplingParams
     from max.pipelines.modeling.types import RequestID, TextGenerationRequest
-
     from qwen3vl_moe.api import _split_media
 
     chat, images, _ = _split_media(messages)

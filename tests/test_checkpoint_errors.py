@@ -9,9 +9,12 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from qwen3vl_moe.checkpoints import tiny
-from qwen3vl_moe.checkpoints.validate import CheckpointError, checkpoint_problems, validate_checkpoint
+from qwen3vl_moe.checkpoints.validate import (
+    CheckpointError,
+    checkpoint_problems,
+    validate_checkpoint,
+)
 
 SEED = 0
 INDEX = tiny.INDEX_FILE
@@ -120,7 +123,7 @@ def test_index_listing_a_missing_shard_names_the_file_once(broken):
     shard.unlink()
     problems = checkpoint_problems(broken)
     assert problems == [
-        f"{shard}: listed in {INDEX} for {len(listed)} tensors (e.g. {sorted(listed)[0]}) but the file does not exist"
+        f"{shard}: listed in {INDEX} for {len(listed)} tensors (e.g. {min(listed)}) but the file does not exist"
     ]
 
 
@@ -244,8 +247,8 @@ def test_max_serve_path_refuses_when_building_the_pipeline_config(broken):
     """`max serve --custom-architectures qwen3vl_moe` reaches this package first in the
     architecture's max-length policy, inside PipelineConfig.from_args: before the
     memory plan, the tokenizer, the weights and any compile."""
-    from qwen3vl_moe import TELEMETRY_OFF  # noqa: F401
     from max.pipelines.lib import PipelineArgs, PipelineConfig
+    from qwen3vl_moe import TELEMETRY_OFF  # noqa: F401
 
     (broken / "tokenizer.json").unlink()
     args = PipelineArgs.from_flat_kwargs(

@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 import transformers
-
 from qwen3vl_moe.checkpoints import tiny
 from qwen3vl_moe.checkpoints.layout import checkpoint_layout, is_moe_layer
 

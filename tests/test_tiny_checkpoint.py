@@ -16,9 +16,8 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from safetensors import safe_open
-
 from qwen3vl_moe.checkpoints import tiny
+from safetensors import safe_open
 
 PRESETS = ["moe", "dense", "moe-sparse2"]
 # Which text layers are sparse, by transformers' rule (checked independently below).
@@ -144,7 +143,7 @@ def test_safetensors_hub_layout_and_exact_reload(checkpoints, loaded, preset):
     for shard in shards:
         with safe_open(path / shard, "pt") as f:
             assert f.metadata() == {"format": "pt"}
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 assert index["weight_map"][name] == shard
                 on_disk[name] = f.get_tensor(name)
                 total += on_disk[name].numel() * on_disk[name].element_size()

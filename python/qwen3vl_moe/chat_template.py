@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ChatTemplate", "MissingChatTemplateError", "SOURCES", "find_chat_template"]
+__all__ = ["SOURCES", "ChatTemplate", "MissingChatTemplateError", "find_chat_template"]
 
 # Looked at in this order (see the module docstring).
 SOURCES = (

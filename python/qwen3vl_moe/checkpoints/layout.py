@@ -22,11 +22,13 @@ __all__ = [
     "Dim",
     "ExpertLayout",
     "TensorSpec",
-    "checkpoint_layout",
     "checkpoint_dtype",
+    "checkpoint_layout",
     "is_moe_architecture",
     "is_moe_layer",
+    "as_config_dict",
     "text_dims",
+    "vision_dims",
 ]
 
 ExpertLayout = Literal["hub", "transformers"]
@@ -69,7 +71,7 @@ class TensorSpec:
         return self.dims[axis].source
 
 
-def _as_dict(config: Any) -> dict[str, Any]:
+def as_config_dict(config: Any) -> dict[str, Any]:
     """A config as ``config.json``'s dict; a transformers config's aliased fields
     (``num_experts`` is stored as ``num_local_experts``) under their public names."""
     if isinstance(config, Mapping):
@@ -91,7 +93,7 @@ def _section(config: Mapping[str, Any], key: str) -> dict[str, Any]:
     sub = config.get(key)
     if sub is None:
         return {}
-    return _as_dict(sub)
+    return as_config_dict(sub)
 
 
 def is_moe_architecture(config: Mapping[str, Any]) -> bool:
@@ -104,7 +106,7 @@ def is_moe_architecture(config: Mapping[str, Any]) -> bool:
 
 def text_dims(config: Mapping[str, Any]) -> dict[str, Dim]:
     """The text model's dims with transformers' defaults for absent fields."""
-    config = _as_dict(config)
+    config = as_config_dict(config)
     moe = is_moe_architecture(config)
     tc = _section(config, "text_config")
 
@@ -144,7 +146,7 @@ def text_dims(config: Mapping[str, Any]) -> dict[str, Dim]:
 
 def is_moe_layer(config: Mapping[str, Any], layer: int) -> bool:
     """transformers' rule: sparse unless in mlp_only_layers, every decoder_sparse_step-th layer."""
-    config = _as_dict(config)
+    config = as_config_dict(config)
     if not is_moe_architecture(config):
         return False
     tc = _section(config, "text_config")
@@ -154,7 +156,7 @@ def is_moe_layer(config: Mapping[str, Any], layer: int) -> bool:
     return layer not in mlp_only and bool(num_experts) and (layer + 1) % step == 0
 
 
-def _vision_dims(config: Mapping[str, Any]) -> dict[str, Any]:
+def vision_dims(config: Mapping[str, Any]) -> dict[str, Any]:
     vc = _section(config, "vision_config")
 
     def field(name: str, default: Any) -> Dim:
@@ -181,7 +183,7 @@ def _vision_dims(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def checkpoint_dtype(config: Mapping[str, Any]) -> str:
     """The dtype the config declares for its weights (``dtype`` / ``torch_dtype``), float32 if none."""
-    config = _as_dict(config)
+    config = as_config_dict(config)
     for section in (config, _section(config, "text_config")):
         for key in ("dtype", "torch_dtype"):
             if isinstance(section.get(key), str):
@@ -204,10 +206,10 @@ def checkpoint_layout(
         include_tied_lm_head: Also list ``lm_head.weight`` when the embeddings are
             tied (transformers' state_dict has it; tied checkpoints do not store it).
     """
-    config = _as_dict(config)
+    config = as_config_dict(config)
     dtype = checkpoint_dtype(config)
     t = text_dims(config)
-    v = _vision_dims(config)
+    v = vision_dims(config)
     specs: dict[str, TensorSpec] = {}
 
     def add(name: str, dims: tuple[Dim, ...], kind: Kind, fan_in_axes: tuple[int, ...] = ()) -> None:

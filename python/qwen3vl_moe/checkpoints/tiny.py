@@ -154,8 +154,17 @@ def _tokenizer_json() -> str:
     Qwen's is (the 256 byte tokens in GPT-2 order, then one token per merge,
     then the added tokens), so ids do not depend on trainer internals.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     def pipeline(model: Any) -> Tokenizer:
         tok = Tokenizer(model)

@@ -87,8 +87,8 @@ def _safetensors_header(path: Path, problems: list[str]) -> dict[str, dict[str, 
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
+            raise TypeError("not a JSON object")
+    except (UnicodeDecodeError, ValueError, TypeError) as e:
         problems.append(f"{path}: corrupt safetensors header ({e})")
         return None
     tensors: dict[str, dict[str, Any]] = {}
@@ -174,7 +174,7 @@ def _weight_problems(
             lost.update(tensors)
             problems.append(
                 f"{directory / shard}: listed in {INDEX_FILE} for {len(tensors)} tensors "
-                f"(e.g. {sorted(tensors)[0]}) but the file does not exist"
+                f"(e.g. {min(tensors)}) but the file does not exist"
             )
     if weight_map:
         for shard in sorted(names - set(by_shard)):
