@@ -279,3 +279,13 @@ def test_serve_args_are_checked_in_both_flag_forms(broken, good):
     for args in (["--model-path", str(broken)], [f"--model-path={broken}"], ["--model", str(broken)]):
         with pytest.raises(CheckpointError, match="tokenizer.json: missing"):
             validate_serve_args(["serve", *args])
+
+
+def test_cli_prints_the_problems_and_exits_2(broken, capsys):
+    from qwen3vl_moe.cli import main
+
+    (broken / "tokenizer.json").unlink()
+    assert main(["generate", "hi", "--model-path", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qwen3vl-moe generate: {broken} is not a loadable Qwen3-VL checkpoint (1 problem)")
+    assert "Traceback" not in err

@@ -46,10 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     command, rest = argv[0], argv[1:]
-    if command == "serve":
-        return serve(rest)
-    if command == "generate":
-        return _generate(rest)
+    from .checkpoints.validate import CheckpointError
+
+    try:
+        if command == "serve":
+            return serve(rest)
+        if command == "generate":
+            return _generate(rest)
+    except CheckpointError as e:  # the user's files, not a bug: the message, no traceback
+        print(f"qwen3vl-moe {command}: {e}", file=sys.stderr)
+        return 2
     from .checkpoints.tiny import main as tiny_main
 
     tiny_main(rest)
