@@ -1,4 +1,4 @@
-"""Tests of the ``linear`` custom op (mojo_kernels/text/linear.mojo) through qwen3vl_moe.kernels.linear.
+"""Tests of the ``qwen3vl_linear`` custom op (mojo_kernels/text/linear.mojo) through qwen3vl_moe.kernels.linear.
 
 y = x @ W^T with W [N, K] in the checkpoint's layout, float32 and bfloat16, for
 every row count the op distinguishes: 0, the register tiles of the streaming

@@ -35,7 +35,7 @@ from kernel_harness import GPU_COMPILE_FLAG, assert_gpu_compile, gpu_compile_mai
 from qwen3vl_moe.kernels.moe import moe_experts, moe_route
 
 F32, BF16 = DType.float32, DType.bfloat16
-TOP_KS = (1, 3, 8)          # compile-time parameter of moe_route: one instantiation each
+TOP_KS = (1, 3, 8)          # compile-time parameter of qwen3vl_moe_route: one instantiation each
 MIN_E = max(TOP_KS)
 LAYOUTS = (True, False)     # weights_hub_layout
 N_OUT_PER_K = 4 + 2 * len(LAYOUTS)   # ids, weights, perm, offsets, then y f32 / y bf16 per layout
@@ -232,7 +232,7 @@ def test_moe_rejects_bad_weights(moe_model):
     x, logits, gu, dn = make_case(1, 4, MIN_E, 16, 8, "random")
     gu = gu[:, :, :-1]                  # 2I - 1 gate_up columns
     arrays = [x, logits, gu, dn, gu.transpose(0, 2, 1), dn.transpose(0, 2, 1)]
-    with pytest.raises(ValueError, match="moe_gate_up"):
+    with pytest.raises(ValueError, match="qwen3vl_moe_gate_up"):
         moe_model.execute(*[Buffer.from_numpy(np.ascontiguousarray(a)) for a in arrays])
 
 

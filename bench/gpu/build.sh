@@ -8,7 +8,7 @@
 #   ARCH=sm_80 bench/gpu/build.sh   # another NVIDIA target
 #
 # Each check is a host `main` that imports the kernel packages under mojo_kernels/
-# (e.g. `from text.gpu_gemm import ...`), checks the GPU results against a CPU
+# (e.g. `from text.gpu_moe import ...`), checks the GPU results against a CPU
 # reference, times the kernels and ends its output with a line "== summary ==" followed
 # by a short table and "<check>: PASS|FAIL" (run.sh prints those parts last).
 set -euo pipefail

@@ -1,6 +1,6 @@
 # GPU check of the MoE kernels (mojo_kernels/text): routing, grouped gate_up + SwiGLU,
 # grouped down + routing weight + un-permute, combine — exactly the launches the MAX
-# custom ops make (text.routing.enqueue_route_gpu, text.gpu_gemm.enqueue_*_gpu).
+# custom ops make (text.routing.enqueue_route_gpu, text.gpu_moe.enqueue_*_gpu).
 #
 # Shape: Qwen3-VL-30B-A3B, T = 4096 tokens, top-8 of E = 128 experts (32768 routed
 # rows), H = 2048, I = 768. Configs: {bf16 (tensor cores; ldmatrix and scalar-load
@@ -16,10 +16,10 @@
 # Build: bench/gpu/build.sh   Run (GPU machine): bench/gpu/run.sh
 from max.gpu.host import DeviceBuffer, DeviceContext
 from max.gpu import thread_idx, block_idx
-from std.math import exp, ceildiv
+from std.math import exp
 
 from text.routing import enqueue_route_gpu, route_token
-from text.gpu_gemm import enqueue_gate_up_gpu, enqueue_down_gpu
+from text.gpu_moe import enqueue_gate_up_gpu, enqueue_down_gpu
 
 comptime T = 4096
 comptime TOPK = 8
@@ -257,7 +257,7 @@ def main() raises:
     print("device:", ctx.name())
     var results = List[Result]()
     # bf16 runs on tensor cores; "ldsm" = fragments via ldmatrix (the default,
-    # text.gpu_gemm.TC_LDMATRIX), "lds" = the scalar shared-load fallback
+    # text.gpu_moe.TC_LDMATRIX), "lds" = the scalar shared-load fallback
     results.append(run_config[DType.bfloat16, True, True](ctx, "bf16 hub ldsm"))
     results.append(run_config[DType.bfloat16, False, True](ctx, "bf16 transformers ldsm"))
     results.append(run_config[DType.bfloat16, True, False](ctx, "bf16 hub lds"))

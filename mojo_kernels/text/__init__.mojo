@@ -1,0 +1,16 @@
+# Text-decoder custom ops (MAX graph custom ops; the MoE ops run on CPU and GPU, linear on CPU):
+#   route.mojo    "qwen3vl_moe_route"    router softmax, top-k, renormalisation, slots sorted by expert
+#   gate_up.mojo  "qwen3vl_moe_gate_up"  grouped gate_up GEMM with the SwiGLU epilogue
+#   down.mojo     "qwen3vl_moe_down"     grouped down GEMM, routing weight, un-permute, sum over top-k
+#   linear.mojo   "qwen3vl_linear"       y = x @ W^T in the checkpoint's layout (weight stream for few rows)
+# Implementation, one concern a file:
+#   contiguity.mojo         the ops' input check: every tensor dense row-major
+#   routing.mojo            routing, CPU and GPU
+#   activation.mojo         SiLU / SwiGLU with torch's rounding, CPU and GPU
+#   cpu_microkernels.mojo   register-tile SIMD micro-kernels (outer, dot, bf16 pair-dot, packing)
+#   cpu_scheduler.mojo      run_dynamic, the one CPU task scheduler
+#   cpu_weight_stream.mojo  StreamPlan: experts with few rows stream their weights (decode)
+#   cpu_moe.mojo            CPU drivers of the grouped GEMMs and the combine
+#   cpu_linear.mojo         CPU dense linear for few rows
+#   gpu_moe.mojo            GPU kernels of the grouped GEMMs and the combine
+# Python wrappers: qwen3vl_moe.kernels.moe and .linear. GPU check: bench/gpu/check_moe.mojo.

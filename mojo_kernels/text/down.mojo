@@ -2,11 +2,12 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 
-from .cpu_gemm import combine_cpu, down_cpu
-from .gpu_gemm import enqueue_down_gpu
+from .contiguity import require_contiguous
+from .cpu_moe import combine_cpu, down_cpu
+from .gpu_moe import enqueue_down_gpu
 
 
-@extensibility.register("moe_down")
+@extensibility.register("qwen3vl_moe_down")
 struct MoeDown:
     """Grouped down GEMM with the routing weight and the un-permute fused, then the
     deterministic sum over the top-k slots of each token.
@@ -19,7 +20,7 @@ struct MoeDown:
     rounded once.
 
     Shapes: y [T, H], ws [T, top_k, H] (same dtype as h; a workspace output),
-    h [T, top_k, I] from `moe_gate_up`, w = down weights:
+    h [T, top_k, I] from `qwen3vl_moe_gate_up`, w = down weights:
         hub_layout=True  -> [E, I, H]  (out = h @ w[e])
         hub_layout=False -> [E, H, I]  (out = w[e] @ h)
     perm [T, top_k] int32, offsets [E+1] int32, rw [T, top_k] routing weights (h's dtype).
@@ -38,6 +39,7 @@ struct MoeDown:
         ctx: DeviceContext,
     ) raises:
         comptime dtype = y.dtype
+        comptime OP = "qwen3vl_moe_down"
         var T = y.dim_size(0)
         var H = y.dim_size(1)
         var top_k = h.dim_size(1)
@@ -46,16 +48,22 @@ struct MoeDown:
         var w_k = w.dim_size(1) if hub_layout else w.dim_size(2)
         var w_n = w.dim_size(2) if hub_layout else w.dim_size(1)
         if w_k != I or w_n != H:
-            raise Error("moe_down: down weights do not match h [T, top_k, I] and y [T, H]")
+            raise Error("qwen3vl_moe_down: down weights do not match h [T, top_k, I] and y [T, H]")
         if h.dim_size(0) != T or perm.dim_size(0) != T or perm.dim_size(1) != top_k:
-            raise Error("moe_down: h and perm must be [T, top_k, ...]")
+            raise Error("qwen3vl_moe_down: h and perm must be [T, top_k, ...]")
         if rw.dim_size(0) != T or rw.dim_size(1) != top_k:
-            raise Error("moe_down: routing weights must be [T, top_k]")
+            raise Error("qwen3vl_moe_down: routing weights must be [T, top_k]")
         if ws.dim_size(0) != T or ws.dim_size(1) != top_k or ws.dim_size(2) != H:
-            raise Error("moe_down: workspace must be [T, top_k, H]")
+            raise Error("qwen3vl_moe_down: workspace must be [T, top_k, H]")
         if offsets.dim_size(0) != E + 1:
-            raise Error("moe_down: offsets must have num_experts + 1 entries")
-        var S = T * top_k
+            raise Error("qwen3vl_moe_down: offsets must have num_experts + 1 entries")
+        require_contiguous(OP, "y", y.shape(), y.strides())
+        require_contiguous(OP, "the workspace", ws.shape(), ws.strides())
+        require_contiguous(OP, "h", h.shape(), h.strides())
+        require_contiguous(OP, "down weights", w.shape(), w.strides())
+        require_contiguous(OP, "perm", perm.shape(), perm.strides())
+        require_contiguous(OP, "offsets", offsets.shape(), offsets.strides())
+        require_contiguous(OP, "routing weights", rw.shape(), rw.strides())
         if T == 0 or H == 0:
             return
 

@@ -2,11 +2,12 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 
-from .cpu_gemm import gate_up_cpu
-from .gpu_gemm import enqueue_gate_up_gpu
+from .contiguity import require_contiguous
+from .cpu_moe import gate_up_cpu
+from .gpu_moe import enqueue_gate_up_gpu
 
 
-@extensibility.register("moe_gate_up")
+@extensibility.register("qwen3vl_moe_gate_up")
 struct MoeGateUp:
     """Grouped gate_up GEMM of the routed rows with the SwiGLU epilogue fused.
 
@@ -19,7 +20,7 @@ struct MoeGateUp:
     Shapes: h [T, top_k, I] (rows read flat, in sorted order), x [T, H],
     w = gate_up weights: hub_layout=True  -> [E, H, 2I]  (g_u = x @ w[e], gate = first I columns)
                          hub_layout=False -> [E, 2I, H]  (g_u = w[e] @ x, gate = first I rows)
-    perm [T, top_k] int32 and offsets [E+1] int32 from `moe_route`.
+    perm [T, top_k] int32 and offsets [E+1] int32 from `qwen3vl_moe_route`.
     dtype: float32 or bfloat16 (x, w and h alike). In bfloat16, g, u, silu(g) and the
     product are rounded to bf16 like torch's ops. GPU: bf16 on tensor cores (mma.sync
     m16n8k16), float32 with a shared-memory tiled FMA kernel.
@@ -35,6 +36,7 @@ struct MoeGateUp:
         ctx: DeviceContext,
     ) raises:
         comptime dtype = h.dtype
+        comptime OP = "qwen3vl_moe_gate_up"
         var T = x.dim_size(0)
         var H = x.dim_size(1)
         var E = w.dim_size(0)
@@ -43,11 +45,16 @@ struct MoeGateUp:
         var w_k = w.dim_size(1) if hub_layout else w.dim_size(2)
         var w_n = w.dim_size(2) if hub_layout else w.dim_size(1)
         if w_k != H or w_n != 2 * I:
-            raise Error("moe_gate_up: gate_up weights do not match x [T, H] and h [T, top_k, I]")
+            raise Error("qwen3vl_moe_gate_up: gate_up weights do not match x [T, H] and h [T, top_k, I]")
         if perm.dim_size(0) != T or h.dim_size(0) != T or h.dim_size(1) != top_k:
-            raise Error("moe_gate_up: perm and h must be [T, top_k, ...]")
+            raise Error("qwen3vl_moe_gate_up: perm and h must be [T, top_k, ...]")
         if offsets.dim_size(0) != E + 1:
-            raise Error("moe_gate_up: offsets must have num_experts + 1 entries")
+            raise Error("qwen3vl_moe_gate_up: offsets must have num_experts + 1 entries")
+        require_contiguous(OP, "h", h.shape(), h.strides())
+        require_contiguous(OP, "x", x.shape(), x.strides())
+        require_contiguous(OP, "gate_up weights", w.shape(), w.strides())
+        require_contiguous(OP, "perm", perm.shape(), perm.strides())
+        require_contiguous(OP, "offsets", offsets.shape(), offsets.strides())
         var S = T * top_k
         if S == 0 or I == 0:
             return

@@ -3,14 +3,15 @@ from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from linalg.matmul import matmul
 
-from .cpu_gemm import linear_rows_cpu
+from .contiguity import require_contiguous
+from .cpu_linear import linear_rows_cpu
 
 # Up to this many rows a linear layer is a weight stream (decode); above it,
 # MAX's packed GEMM (prefill), whose per-call packing of W is then amortised.
 comptime GEMV_MAX_ROWS = 16
 
 
-@extensibility.register("linear")
+@extensibility.register("qwen3vl_linear")
 struct Linear:
     """Computes y = x @ W^T with W in the checkpoint's [N, K] layout (no bias).
 
@@ -34,9 +35,13 @@ struct Linear:
         var K = x.dim_size(1)
         var N = w.dim_size(0)
         if w.dim_size(1) != K or y.dim_size(0) != M or y.dim_size(1) != N:
-            raise Error("linear: expected y [M, N], x [M, K], w [N, K]")
+            raise Error("qwen3vl_linear: expected y [M, N], x [M, K], w [N, K]")
+        comptime OP = "qwen3vl_linear"
+        require_contiguous(OP, "y", y.shape(), y.strides())
+        require_contiguous(OP, "x", x.shape(), x.strides())
+        require_contiguous(OP, "w", w.shape(), w.strides())
         comptime if target != "cpu":
-            raise Error("linear: CPU only (GPU graphs use MAX's matmul)")
+            raise Error("qwen3vl_linear: CPU only (GPU graphs use MAX's matmul)")
         if M == 0 or N == 0:
             return
         if M <= GEMV_MAX_ROWS:

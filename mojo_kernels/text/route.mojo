@@ -2,10 +2,11 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 
+from .contiguity import require_contiguous
 from .routing import enqueue_route_gpu, route_cpu
 
 
-@extensibility.register("moe_route")
+@extensibility.register("qwen3vl_moe_route")
 struct MoeRoute:
     """Router softmax + top-k + renormalisation, and the (token, k) slots sorted by expert.
 
@@ -32,14 +33,20 @@ struct MoeRoute:
         ctx: DeviceContext,
     ) raises:
         comptime dtype = weights.dtype
+        comptime OP = "qwen3vl_moe_route"
         var T = logits.dim_size(0)
         var E = logits.dim_size(1)
         if top_k < 1 or top_k > E:
-            raise Error("moe_route: need 1 <= top_k <= num_experts")
+            raise Error("qwen3vl_moe_route: need 1 <= top_k <= num_experts")
         if offsets.dim_size(0) != E + 1:
-            raise Error("moe_route: offsets must have num_experts + 1 entries")
+            raise Error("qwen3vl_moe_route: offsets must have num_experts + 1 entries")
         if weights.dim_size(0) != T or weights.dim_size(1) != top_k or perm.dim_size(1) != top_k:
-            raise Error("moe_route: outputs must be [T, top_k]")
+            raise Error("qwen3vl_moe_route: outputs must be [T, top_k]")
+        require_contiguous(OP, "weights", weights.shape(), weights.strides())
+        require_contiguous(OP, "ids", ids.shape(), ids.strides())
+        require_contiguous(OP, "perm", perm.shape(), perm.strides())
+        require_contiguous(OP, "offsets", offsets.shape(), offsets.strides())
+        require_contiguous(OP, "logits", logits.shape(), logits.strides())
         comptime if target == "cpu":
             route_cpu[dtype, top_k](
                 logits.unsafe_ptr(), weights.unsafe_ptr(), ids.unsafe_ptr(), perm.unsafe_ptr(),

@@ -174,7 +174,7 @@ def enqueue_route_gpu[
 ) raises:
     """The four routing kernels (see the top of this file)."""
     if E > ROUTE_MAX_EXPERTS:
-        raise Error("moe_route: at most 1024 experts on GPU")
+        raise Error("qwen3vl_moe_route: at most 1024 experts on GPU")
     var S = T * top_k
     var n_chunks = ceildiv(S, ROUTE_CHUNK)
     # counts[chunk, e], turned into the first sorted position of (chunk, e) by the scan

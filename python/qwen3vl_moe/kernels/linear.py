@@ -1,4 +1,4 @@
-"""Graph-side wrapper of the ``linear`` custom op (``mojo_kernels/text/linear.mojo``).
+"""Graph-side wrapper of the ``qwen3vl_linear`` custom op (``mojo_kernels/text/linear.mojo``).
 
 ``y = x @ W^T`` with ``W`` in the checkpoint's ``[N, K]`` layout, CPU only.
 MAX's CPU matmul packs (and for ``W^T`` transposes) the whole weight on every
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from max.graph import TensorType, TensorValue, ops
 
-LINEAR_OP = "linear"
+LINEAR_OP = "qwen3vl_linear"
 
 
 def linear(x: TensorValue, weight: TensorValue) -> TensorValue:

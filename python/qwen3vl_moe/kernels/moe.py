@@ -7,9 +7,9 @@
     w = (topv / topv.sum(-1)).to(x.dtype)
     y[t] = sum_k w[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])),  e = topi[t, k]
 
-as three ops: ``moe_route`` (routing + counting sort of the (token, k) slots by
-expert), ``moe_gate_up`` (grouped GEMM, rows gathered through the permutation,
-SwiGLU fused) and ``moe_down`` (grouped GEMM, routing weight and un-permute fused,
+as three ops: ``qwen3vl_moe_route`` (routing + counting sort of the (token, k) slots by
+expert), ``qwen3vl_moe_gate_up`` (grouped GEMM, rows gathered through the permutation,
+SwiGLU fused) and ``qwen3vl_moe_down`` (grouped GEMM, routing weight and un-permute fused,
 then the float32 sum over k in top-k order, like transformers' grouped_mm path).
 
 A graph that calls these must list ``kernel_package("text")`` (or a ``.mojoc``
@@ -23,13 +23,13 @@ from typing import NamedTuple
 from max.dtype import DType
 from max.graph import TensorType, TensorValue, ops
 
-ROUTE_OP = "moe_route"
-GATE_UP_OP = "moe_gate_up"
-DOWN_OP = "moe_down"
+ROUTE_OP = "qwen3vl_moe_route"
+GATE_UP_OP = "qwen3vl_moe_gate_up"
+DOWN_OP = "qwen3vl_moe_down"
 
 
 class MoeRouting(NamedTuple):
-    """Outputs of ``moe_route``.
+    """Outputs of ``qwen3vl_moe_route``.
 
     weights [T, top_k] (activation dtype), ids [T, top_k] int32 (descending
     probability), perm [T, top_k] int32 (read flat: the slots t*top_k + k sorted by

@@ -16,8 +16,10 @@ from max.gpu import thread_idx, block_idx, barrier
 from max.gpu.compute.mma import ld_matrix, mma
 from max.gpu.host import DeviceContext
 from std.memory import stack_allocation, AddressSpace
-from std.math import exp, ceildiv
+from std.math import ceildiv
 from std.sys import size_of
+
+from .activation import round_to, swiglu
 
 comptime F32 = DType.float32
 comptime BF16 = DType.bfloat16
@@ -50,25 +52,6 @@ def gemm_grid_y(S: Int, E: Int) -> Int:
 def gemm_grid_x(N: Int, gated: Bool) -> Int:
     """Column tiles: gate_up covers 64 output columns per block, down 128."""
     return ceildiv(N, BCOLS // 2 if gated else BCOLS)
-
-
-@always_inline
-def _silu(g: Float32) -> Float32:
-    return g / (1 + exp(-g))
-
-
-@always_inline
-def _round[dtype: DType](v: Float32) -> Float32:
-    comptime if dtype == F32:
-        return v
-    else:
-        return v.cast[dtype]().cast[F32]()
-
-
-@always_inline
-def _swiglu[dtype: DType](g: Float32, u: Float32) -> Float32:
-    """silu(gate) * up with torch's per-op rounding in `dtype` (see cpu_gemm.swiglu)."""
-    return _round[dtype](_silu(_round[dtype](g))) * _round[dtype](u)
 
 
 @always_inline
@@ -289,7 +272,7 @@ def moe_gemm_tc_kernel[
                         var col = n0 + wn * 32 + nj * 8 + tig * 2
                         comptime for q in range(2):
                             if col + q < Ni:
-                                var hv = _swiglu[BF16](
+                                var hv = swiglu[BF16](
                                     acc[mi * 8 + nj][half * 2 + q], acc[mi * 8 + 4 + nj][half * 2 + q]
                                 )
                                 out_ptr[unsafe_offset=p * Ni + col + q] = hv.cast[BF16]()
@@ -300,7 +283,7 @@ def moe_gemm_tc_kernel[
                         var col = n0 + wn * 64 + nt * 8 + tig * 2
                         comptime for q in range(2):
                             if col + q < Ni:
-                                var o = _round[BF16](acc[mi * 8 + nt][half * 2 + q]) * wt
+                                var o = round_to[BF16](acc[mi * 8 + nt][half * 2 + q]) * wt
                                 out_ptr[unsafe_offset=slot * Ni + col + q] = o.cast[BF16]()
 
 
@@ -392,7 +375,7 @@ def moe_gemm_fma_kernel[
                 comptime for j in range(4):
                     var col = n0 + 16 * j + tc
                     if col < Ni:
-                        var hv = _swiglu[dtype](acc[i * 8 + j], acc[i * 8 + 4 + j])
+                        var hv = swiglu[dtype](acc[i * 8 + j], acc[i * 8 + 4 + j])
                         out_ptr[unsafe_offset=p * Ni + col] = hv.cast[dtype]()
             else:
                 var slot = Int(perm[unsafe_offset=p])
@@ -400,7 +383,7 @@ def moe_gemm_fma_kernel[
                 comptime for j in range(8):
                     var col = n0 + 16 * j + tc
                     if col < Ni:
-                        out_ptr[unsafe_offset=slot * Ni + col] = (_round[dtype](acc[i * 8 + j]) * wt).cast[dtype]()
+                        out_ptr[unsafe_offset=slot * Ni + col] = (round_to[dtype](acc[i * 8 + j]) * wt).cast[dtype]()
 
 
 # ============================================================================ combine
@@ -428,6 +411,36 @@ def moe_combine_kernel[
 
 
 # ============================================================================ launches
+def _enqueue_gemm[
+    dtype: DType, hub: Bool, gated: Bool, ldsm: Bool
+](
+    ctx: DeviceContext,
+    out_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    perm: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    S: Int, top_k: Int, E: Int, K: Int, N: Int,
+) raises:
+    """Launch the grouped GEMM (see moe_gemm_tc_kernel): tensor cores in bf16, FMAs otherwise."""
+    var fast_a = Int32(1 if K % 8 == 0 else 0)
+    var fast_b = Int32(1 if (N % 8 == 0 if hub else K % 8 == 0) else 0)
+    var grid = (gemm_grid_x(N, gated), gemm_grid_y(S, E))
+    comptime if dtype == BF16:
+        ctx.enqueue_function[moe_gemm_tc_kernel[hub, gated, ldsm]](
+            out_ptr, a, w, perm, offsets, rw,
+            Int32(top_k), Int32(E), Int32(K), Int32(N), fast_a, fast_b,
+            grid_dim=grid, block_dim=GEMM_THREADS,
+        )
+    else:
+        ctx.enqueue_function[moe_gemm_fma_kernel[dtype, hub, gated]](
+            out_ptr, a, w, perm, offsets, rw,
+            Int32(top_k), Int32(E), Int32(K), Int32(N), fast_a, fast_b,
+            grid_dim=grid, block_dim=GEMM_THREADS,
+        )
+
+
 def enqueue_gate_up_gpu[
     dtype: DType, hub: Bool, ldsm: Bool = TC_LDMATRIX
 ](
@@ -443,21 +456,7 @@ def enqueue_gate_up_gpu[
     var S = T * top_k
     if S == 0 or I == 0:
         return
-    var fast_a = Int32(1 if H % 8 == 0 else 0)
-    var fast_b = Int32(1 if (I % 8 == 0 if hub else H % 8 == 0) else 0)
-    var grid = (gemm_grid_x(I, True), gemm_grid_y(S, E))
-    comptime if dtype == BF16:
-        ctx.enqueue_function[moe_gemm_tc_kernel[hub, True, ldsm]](
-            h, x, w, perm, offsets, x,
-            Int32(top_k), Int32(E), Int32(H), Int32(I), fast_a, fast_b,
-            grid_dim=grid, block_dim=GEMM_THREADS,
-        )
-    else:
-        ctx.enqueue_function[moe_gemm_fma_kernel[dtype, hub, True]](
-            h, x, w, perm, offsets, x,
-            Int32(top_k), Int32(E), Int32(H), Int32(I), fast_a, fast_b,
-            grid_dim=grid, block_dim=GEMM_THREADS,
-        )
+    _enqueue_gemm[dtype, hub, True, ldsm](ctx, h, x, w, perm, offsets, x, S, top_k, E, H, I)
 
 
 def enqueue_down_gpu[
@@ -478,21 +477,7 @@ def enqueue_down_gpu[
     if T == 0 or H == 0:
         return
     if S > 0:
-        var fast_a = Int32(1 if I % 8 == 0 else 0)
-        var fast_b = Int32(1 if (H % 8 == 0 if hub else I % 8 == 0) else 0)
-        var grid = (gemm_grid_x(H, False), gemm_grid_y(S, E))
-        comptime if dtype == BF16:
-            ctx.enqueue_function[moe_gemm_tc_kernel[hub, False, ldsm]](
-                ws, h, w, perm, offsets, rw,
-                Int32(top_k), Int32(E), Int32(I), Int32(H), fast_a, fast_b,
-                grid_dim=grid, block_dim=GEMM_THREADS,
-            )
-        else:
-            ctx.enqueue_function[moe_gemm_fma_kernel[dtype, hub, False]](
-                ws, h, w, perm, offsets, rw,
-                Int32(top_k), Int32(E), Int32(I), Int32(H), fast_a, fast_b,
-                grid_dim=grid, block_dim=GEMM_THREADS,
-            )
+        _enqueue_gemm[dtype, hub, False, ldsm](ctx, ws, h, w, perm, offsets, rw, S, top_k, E, I, H)
     ctx.enqueue_function[moe_combine_kernel[dtype]](
         y, ws, Int32(T), Int32(top_k), Int32(H),
         grid_dim=ceildiv(T * H, COMBINE_THREADS), block_dim=COMBINE_THREADS,
