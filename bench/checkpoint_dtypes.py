@@ -1,0 +1,57 @@
+"""Decode speed of one preset stored in float32 and in bfloat16, each loaded on CPU with no encoding flag.
+
+A bfloat16 checkpoint is upcast to float32 at load, so both runs should read
+the same bytes per decode step; this measures that they do run alike.
+
+    python bench/checkpoint_dtypes.py --preset medium --new-tokens 32 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+
+from qwen3vl_moe.api import Qwen3VL
+from qwen3vl_moe.checkpoints.convert import bfloat16_checkpoint
+from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
+
+PROMPT = [{"role": "user", "content": "Count slowly from one to one hundred, one number per line."}]
+
+
+def decode_tokens_per_second(engine: Qwen3VL, new_tokens: int) -> float:
+    """Tokens per second past the first (which includes the prefill)."""
+    t0 = time.perf_counter()
+    engine.generate([PROMPT], max_new_tokens=1, ignore_eos=True)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine.generate([PROMPT], max_new_tokens=new_tokens, ignore_eos=True)
+    return (new_tokens - 1) / (time.perf_counter() - t0 - prefill)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    result = {"cpu": platform.processor() or platform.machine(), "preset": args.preset, "runs": {}}
+    for label, path in (("float32 weights", tiny_checkpoint(args.preset)), ("bfloat16 weights", bfloat16_checkpoint(args.preset))):
+        t0 = time.perf_counter()
+        engine = Qwen3VL(path, devices="cpu", max_length=512, max_batch_size=1)
+        load = time.perf_counter() - t0
+        engine.generate([PROMPT], max_new_tokens=4, ignore_eos=True)  # warm-up
+        rates = [decode_tokens_per_second(engine, args.new_tokens) for _ in range(args.repeats)]
+        result["runs"][label] = {"encoding": engine.pipeline_config.model.quantization_encoding, "load_s": round(load, 1),
+                                 "decode_tok_s": [round(r, 2) for r in rates], "median": round(statistics.median(rates), 2)}
+        print(label, result["runs"][label], flush=True)
+        del engine
+        gc.collect()
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
