@@ -1,4 +1,4 @@
-"""Attention Mojo op (mojo_kernels/attention): varlen_attention, bidirectional and causal GQA.
+"""Attention Mojo op (mojo_kernels/attention): qwen3vl_varlen_attention, bidirectional and causal GQA.
 
 One module-scoped CPU graph holds the op four ways (bidirectional and causal,
 float32 and bfloat16 cast inside the graph) with symbolic dims (N, heads,

@@ -1,4 +1,4 @@
-"""Vision Mojo op (mojo_kernels/vision): bilinear_pos_embed.
+"""Vision Mojo op (mojo_kernels/vision): qwen3vl_bilinear_pos_embed.
 
 One module-scoped CPU graph holds the op with symbolic dims (table rows/hidden,
 G, pos rows) in float32 and bfloat16 (cast inside the graph), so every

@@ -1,5 +1,5 @@
 # GPU check of the bilinear position embedding (mojo_kernels/vision/bilinear_pos_embed.mojo):
-# the exact launch the MAX custom op "bilinear_pos_embed" makes (bilinear_pos_embed_gpu).
+# the exact launch the MAX custom op "qwen3vl_bilinear_pos_embed" makes (bilinear_pos_embed_gpu).
 #
 # Table 2304 x 1152 (48 x 48 grid, Qwen3-VL), merge 2; grids [1, 64, 64] and [4, 32, 32]
 # (4096 rows each) plus a ragged one ([1, 2, 4], [2, 96, 34], [1, 330, 2]); table in f32

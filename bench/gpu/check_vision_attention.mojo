@@ -1,5 +1,5 @@
 # GPU check of the vision varlen attention (mojo_kernels/attention/varlen_attention.mojo):
-# the exact launch the MAX custom op "varlen_attention" makes (varlen_attention_gpu).
+# the exact launch the MAX custom op "qwen3vl_varlen_attention" makes (varlen_attention_gpu).
 #
 # Configs:
 #   * real shape: 4 segments x 1024 patches (4 images of 32x32), 16 heads x 72, bf16 and f32;

@@ -246,9 +246,9 @@ def varlen_attention_cpu[dtype: DType, causal: Bool = False](
 ) raises:
     """Host entry point of the CPU path (all pointers in host memory)."""
     if D < 1 or D > MAX_HEAD_DIM:
-        raise Error("varlen_attention: head_dim must be in [1, 128]")
+        raise Error("qwen3vl_varlen_attention: head_dim must be in [1, 128]")
     if Int(cu[unsafe_offset=0]) != 0 or Int(cu[unsafe_offset=S]) != N:
-        raise Error("varlen_attention: cu_seqlens must start at 0 and end at N")
+        raise Error("qwen3vl_varlen_attention: cu_seqlens must start at 0 and end at N")
     comptime QV = QV_CAUSAL if causal else QV_FULL
     comptime BQ = QV * VW
     # query blocks: (segment start, segment end, q0)
@@ -257,7 +257,7 @@ def varlen_attention_cpu[dtype: DType, causal: Bool = False](
         var s0 = Int(cu[unsafe_offset=s])
         var s1 = Int(cu[unsafe_offset=s + 1])
         if s1 < s0:
-            raise Error("varlen_attention: cu_seqlens must be non-decreasing")
+            raise Error("qwen3vl_varlen_attention: cu_seqlens must be non-decreasing")
         for q0 in range(s0, s1, BQ):
             blk.append(s0)
             blk.append(s1)
@@ -267,7 +267,7 @@ def varlen_attention_cpu[dtype: DType, causal: Bool = False](
         return
     var kvh = H if HKV < 0 else HKV
     if kvh < 1 or H % kvh != 0:
-        raise Error("varlen_attention: kv heads must divide the query heads")
+        raise Error("qwen3vl_varlen_attention: kv heads must divide the query heads")
     var group = H // kvh
     var bp = blk.unsafe_ptr()
     var ld = H * D
@@ -458,10 +458,10 @@ def varlen_attention_gpu[dtype: DType, causal: Bool = False](
 ) raises:
     """Launch the GPU path (all pointers in device memory)."""
     if D < 1 or D > MAX_HEAD_DIM:
-        raise Error("varlen_attention: head_dim must be in [1, 128]")
+        raise Error("qwen3vl_varlen_attention: head_dim must be in [1, 128]")
     var kvh = H if HKV < 0 else HKV
     if kvh < 1 or H % kvh != 0:
-        raise Error("varlen_attention: kv heads must divide the query heads")
+        raise Error("qwen3vl_varlen_attention: kv heads must divide the query heads")
     if N == 0 or S == 0 or H == 0:
         return
     var grid_x = N // BQG + S    # >= sum_s ceil(L_s / BQG)
@@ -477,9 +477,9 @@ def varlen_attention_gpu[dtype: DType, causal: Bool = False](
 
 
 # ----------------------------------------------------------------------------- op
-@extensibility.register("varlen_attention")
+@extensibility.register("qwen3vl_varlen_attention")
 struct VarlenAttention:
-    """MAX custom op "varlen_attention"; `scale` and `causal` are compile-time parameters."""
+    """MAX custom op "qwen3vl_varlen_attention"; `scale` and `causal` are compile-time parameters."""
 
     @staticmethod
     def execute[target: StaticString, scale: Float64, causal: Bool](
@@ -496,12 +496,12 @@ struct VarlenAttention:
         var HKV = k.dim_size(1)
         var S = cu_seqlens.dim_size(0) - 1
         if S < 0:
-            raise Error("varlen_attention: cu_seqlens must have at least one entry")
+            raise Error("qwen3vl_varlen_attention: cu_seqlens must have at least one entry")
         for r in range(3):
             if output.dim_size(r) != q.dim_size(r) or v.dim_size(r) != k.dim_size(r):
-                raise Error("varlen_attention: the output must match q, and v must match k")
+                raise Error("qwen3vl_varlen_attention: the output must match q, and v must match k")
         if k.dim_size(0) != N or k.dim_size(2) != D or HKV < 1 or H % HKV != 0:
-            raise Error("varlen_attention: k and v must be [N, kv_heads, head_dim] with kv_heads dividing heads")
+            raise Error("qwen3vl_varlen_attention: k and v must be [N, kv_heads, head_dim] with kv_heads dividing heads")
         # the kernels index raw pointers: require dense row-major [N, heads, D]
         var qs = q.strides()
         var ks = k.strides()
@@ -511,9 +511,9 @@ struct VarlenAttention:
             var dense = 1 if r == 2 else (D if r == 1 else H * D)
             var dense_kv = 1 if r == 2 else (D if r == 1 else HKV * D)
             if q.dim_size(r) > 1 and (qs[r] != dense or os[r] != dense):
-                raise Error("varlen_attention: q and the output must be contiguous")
+                raise Error("qwen3vl_varlen_attention: q and the output must be contiguous")
             if k.dim_size(r) > 1 and (ks[r] != dense_kv or vs[r] != dense_kv):
-                raise Error("varlen_attention: k and v must be contiguous")
+                raise Error("qwen3vl_varlen_attention: k and v must be contiguous")
         comptime dtype = output.dtype
         var qp = rebind[Pointer[Scalar[dtype], MutAnyOrigin]](q.unsafe_ptr())
         var kp = rebind[Pointer[Scalar[dtype], MutAnyOrigin]](k.unsafe_ptr())

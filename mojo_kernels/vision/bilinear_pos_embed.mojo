@@ -30,7 +30,6 @@ loop over hidden. GPU path: one block per output row; thread 0 decodes the row
 into 4 indices + 4 weights in shared memory, the block then streams the row.
 """
 
-from std.math import ceildiv
 from std.memory import stack_allocation
 from std.sys import simd_width_of
 from std.utils import IndexList
@@ -89,7 +88,7 @@ def bilinear_pos_embed_cpu[tdtype: DType](
 ) raises:
     """Host entry point of the CPU path."""
     if side * side > table_rows:
-        raise Error("bilinear_pos_embed: num_grid_per_side**2 exceeds the table rows")
+        raise Error("qwen3vl_bilinear_pos_embed: num_grid_per_side**2 exceeds the table rows")
     # bands: (row base of frame, h, w, bh)
     var bands = List[Int]()
     var base = 0
@@ -98,7 +97,7 @@ def bilinear_pos_embed_cpu[tdtype: DType](
         var h = Int(grid[unsafe_offset=3 * g + 1])
         var w = Int(grid[unsafe_offset=3 * g + 2])
         if t < 0 or h <= 0 or w <= 0 or h % merge != 0 or w % merge != 0:
-            raise Error("bilinear_pos_embed: grid_thw entries need t >= 0 and h, w positive multiples of merge_size")
+            raise Error("qwen3vl_bilinear_pos_embed: grid_thw entries need t >= 0 and h, w positive multiples of merge_size")
         for tt in range(t):
             for bh in range(h // merge):
                 bands.append(base + tt * h * w)
@@ -107,7 +106,7 @@ def bilinear_pos_embed_cpu[tdtype: DType](
                 bands.append(bh)
         base += t * h * w
     if base != n_rows:
-        raise Error("bilinear_pos_embed: output rows != sum(t*h*w) of grid_thw")
+        raise Error("qwen3vl_bilinear_pos_embed: output rows != sum(t*h*w) of grid_thw")
     var nb = len(bands) // 4
     if nb == 0:
         return
@@ -271,9 +270,9 @@ def bilinear_pos_embed_gpu[tdtype: DType](
 
 
 # ----------------------------------------------------------------------------- op
-@extensibility.register("bilinear_pos_embed")
+@extensibility.register("qwen3vl_bilinear_pos_embed")
 struct BilinearPosEmbed:
-    """MAX custom op "bilinear_pos_embed"; merge_size / num_grid_per_side are compile-time."""
+    """MAX custom op "qwen3vl_bilinear_pos_embed"; merge_size / num_grid_per_side are compile-time."""
 
     @staticmethod
     def execute[target: StaticString, merge_size: Int, num_grid_per_side: Int](
@@ -285,18 +284,18 @@ struct BilinearPosEmbed:
         var hidden = table.dim_size(1)
         var G = grid_thw.dim_size(0)
         if grid_thw.dim_size(1) != 3:
-            raise Error("bilinear_pos_embed: grid_thw must be [G, 3]")
+            raise Error("qwen3vl_bilinear_pos_embed: grid_thw must be [G, 3]")
         if output.dim_size(1) != hidden:
-            raise Error("bilinear_pos_embed: output hidden != table hidden")
+            raise Error("qwen3vl_bilinear_pos_embed: output hidden != table hidden")
         if num_grid_per_side * num_grid_per_side > table.dim_size(0):
-            raise Error("bilinear_pos_embed: num_grid_per_side**2 exceeds the table rows")
+            raise Error("qwen3vl_bilinear_pos_embed: num_grid_per_side**2 exceeds the table rows")
         # the kernels index raw pointers: require dense row-major tensors
         var ts = table.strides()
         var gs = grid_thw.strides()
         var os = output.strides()
         if (hidden > 1 and (ts[1] != 1 or os[1] != 1)) or (table.dim_size(0) > 1 and ts[0] != hidden) or (
             output.dim_size(0) > 1 and os[0] != hidden) or gs[1] != 1 or (G > 1 and gs[0] != 3):
-            raise Error("bilinear_pos_embed: table, grid_thw and the output must be contiguous")
+            raise Error("qwen3vl_bilinear_pos_embed: table, grid_thw and the output must be contiguous")
         comptime tdtype = table.dtype
         var tp = rebind[Pointer[Scalar[tdtype], MutAnyOrigin]](table.unsafe_ptr())
         var gp = rebind[Pointer[Int64, MutAnyOrigin]](grid_thw.unsafe_ptr())
@@ -309,7 +308,7 @@ struct BilinearPosEmbed:
                 tp, gp, op, G, hidden, output.dim_size(0), merge_size, num_grid_per_side, ctx)
 
 
-@extensibility.register_shape_function("bilinear_pos_embed")
+@extensibility.register_shape_function("qwen3vl_bilinear_pos_embed")
 def bilinear_pos_embed_shape(
     table: Some[TileTensorable], grid_thw: Some[TileTensorable]
 ) raises -> IndexList[2]:

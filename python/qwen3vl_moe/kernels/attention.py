@@ -14,6 +14,8 @@ from max.graph import TensorType, TensorValue, ops
 
 __all__ = ["varlen_attention"]
 
+ATTENTION_OP = "qwen3vl_varlen_attention"
+
 
 def varlen_attention(
     q: TensorValue,
@@ -56,7 +58,7 @@ def varlen_attention(
     if cu_seqlens.dtype != DType.int32:
         cu_seqlens = ops.cast(cu_seqlens, DType.int32)
     return ops.custom(
-        "varlen_attention",
+        ATTENTION_OP,
         device=q.device,
         values=[q, k, v, cu_seqlens],
         out_types=[TensorType(q.dtype, q.shape, q.device)],

@@ -19,6 +19,8 @@ from max.graph import DimLike
 
 __all__ = ["bilinear_pos_embed"]
 
+POS_EMBED_OP = "qwen3vl_bilinear_pos_embed"
+
 _fresh = itertools.count()
 
 
@@ -60,7 +62,7 @@ def bilinear_pos_embed(
         grid_thw = ops.cast(grid_thw, DType.int64)
     rows = Dim(num_rows) if num_rows is not None else Dim(f"bilinear_pos_rows_{next(_fresh)}")
     return ops.custom(
-        "bilinear_pos_embed",
+        POS_EMBED_OP,
         device=table.device,
         values=[table, grid_thw],
         out_types=[TensorType(DType.float32, [rows, table.shape[1]], table.device)],
