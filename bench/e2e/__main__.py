@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import shutil
@@ -60,13 +59,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batch-prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, help="default 64 (--quick: 16)")
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, help="default 5 (--quick: 2)")
     parser.add_argument("--no-cold-compile", action="store_true", help="skip the cold compile measurement")
     parser.add_argument("--quick", action="store_true",
-                        help="--repeats 2 --warmup 1 --new-tokens 16 --no-cold-compile")
+                        help="defaults to --repeats 2 --new-tokens 16 --no-cold-compile")
     parser.add_argument("--llama-build", help="an existing llama.cpp build directory with llama-bench, "
                         "llama-batched-bench and llama-mtmd-cli in bin/ (default $QWEN3VL_LLAMA_BUILD, else "
                         "built on first use under $QWEN3VL_MOE_CACHE/llama.cpp)")
@@ -76,8 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tag", help="appended to the result file name (e.g. contended)")
     parser.add_argument("--out", help="JSON path (default bench/results/e2e-<device>[-quick]-<date>[-<tag>].json)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.warmup, args.new_tokens, args.no_cold_compile = 2, 1, 16, True
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
+    args.no_cold_compile = args.no_cold_compile or args.quick
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (decode is timed after the first token)")
     if is_gpu(args.devices) and any(c.startswith("llama:") for c in args.contenders):
@@ -188,23 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     for c in llama_contenders:
         rss[c.name] = c.peak_rss_bytes
         result["llama"]["rss_by_tool"][c.name] = c.rss
-        result["llama"]["tools"].update(c.info)
+        result["llama"]["tools"][c.name] = c.info
     bandwidth.append(floor.memory_bandwidth(args.devices))
 
-    metrics: dict[str, dict[str, Any]] = {}
-    for c in contenders:
-        long, batch, vision = (c.samples[b] for b in BENCHES)
-        metrics[c.name] = {
-            "prefill_tok_s": report.summarize([args.prompt_len / x["prefill_s"] for x in long]),
-            "decode_b1_tok_s": report.summarize([x["decode_tok_s"] for x in long]),
-            "decode_bN_tok_s": report.summarize([x["decode_tok_s"] for x in batch]),
-            "decode_b1_step_ms": report.summarize([x["step_ms"] for x in long]),
-            "decode_bN_step_ms": report.summarize([x["step_ms"] for x in batch]),
-            "vision_ms": report.summarize([1e3 * x["s"] for x in vision]),
-            "vision_patches": vision[0]["patches"],
-            "vision_merged_tokens": vision[0]["merged_tokens"],
-            "peak_rss_bytes": rss[c.name.split(":")[0] if c.name.startswith("hf:") else c.name],
-        }
+    metrics = {c.name: report.metrics(c.samples, args.prompt_len,
+                                      rss["hf" if c.name.startswith("hf:") else c.name]) for c in contenders}
     gb_s = max(b["gb_s"] for b in bandwidth)
     result.update(
         bandwidth=bandwidth, bandwidth_gb_s=gb_s, compile=compile_info, metrics=metrics,
@@ -317,10 +305,8 @@ def decode_floors(args: argparse.Namespace, config: dict[str, Any], encoding: st
 
 
 def progress(c: protocol.Contender, batch: int) -> str:
-    long, bat, vision = (c.samples[b][-1] if c.samples[b] else None for b in BENCHES)
-    if long is None:
-        return ""
-    vision_ms = 1e3 * vision["s"] if vision else math.nan
+    long, bat, vision = (c.last[b] for b in BENCHES)
+    vision_ms = 1e3 * vision["s"]
     return (f"{c.name}: prefill {long['prefill_s']:.2f}s b1 {long['decode_tok_s']:.1f} "
             f"b{batch} {bat['decode_tok_s']:.1f} tok/s vision {vision_ms:.0f}ms")
 

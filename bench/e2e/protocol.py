@@ -140,6 +140,7 @@ class Contender:
     run: Callable[[str], dict[str, Any]]
     owner: Worker | None = None
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    last: dict[str, dict[str, Any]] = field(default_factory=dict)  # the latest result per bench, warm-up included
 
 
 def run_rounds(contenders: list[Contender], workers: list[Worker], benches: list[str],
@@ -163,6 +164,7 @@ def run_rounds(contenders: list[Contender], workers: list[Worker], benches: list
                 finally:
                     for w in others:
                         w.resume()
+                c.last[bench] = out
                 if r >= warmup:
                     c.samples[bench].append(out)
         progress(f"{label}: {time.perf_counter() - t_round:.1f} s", contenders)
