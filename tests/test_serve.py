@@ -1,18 +1,14 @@
 """The OpenAI-compatible server, driven by the real openai client on 127.0.0.1.
 
-One server process per module (the graphs compile once; minutes when cold).
-Greedy outputs must equal the Python API's for the same inputs.
+One server process per test session (``conftest.py``; the graphs compile
+once, minutes when cold). Greedy outputs must equal the Python API's for the
+same inputs.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,69 +17,20 @@ from PIL import Image
 
 from test_vision_model import image, make_video
 
-MAX_LENGTH = 2048
+from conftest import SERVER_MAX_LENGTH
+
 NEW_TOKENS = 16
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "qwen3vl_moe.cli", "serve", "--port", str(port),
-             "--max-length", str(MAX_LENGTH), "--max-batch-size", "16"],
-            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 1500
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                pytest.fail("server did not become healthy in time")
-            time.sleep(2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    assert "telemetry.modular.com" not in log.read_text(), "the server tried to reach the telemetry endpoint"
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def model_name(client):
-    return client.models.list().data[0].id
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def engine(server):
     """The Python API on the same checkpoint and settings (a compile-cache hit after the server)."""
     from qwen3vl_moe.api import Qwen3VL
-    from qwen3vl_moe.serving import default_model_path
+    from qwen3vl_moe.serving import DEFAULT_CPU_MAX_BATCH_SIZE, default_model_path
 
-    return Qwen3VL(default_model_path(), devices="cpu", max_length=MAX_LENGTH, max_batch_size=16)
+    return Qwen3VL(default_model_path(), devices="cpu", max_length=SERVER_MAX_LENGTH, max_batch_size=DEFAULT_CPU_MAX_BATCH_SIZE)
 
 
 def png_bytes(im: Image.Image) -> bytes:
@@ -161,12 +108,22 @@ def test_stream_equals_non_stream(client, model_name, kind):
     assert "".join(pieces) == whole
 
 
-def test_concurrent_mixed_requests_equal_sequential(client, model_name):
-    kinds = (["text", "one_image", "two_images", "text"] * 4)[:16]
-    sequential = {k: chat(client, model_name, k) for k in set(kinds)}
-    with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda k: chat(client, model_name, k), kinds))
-    assert results == [sequential[k] for k in kinds]
+def streamed(client, model_name, kind: str) -> str:
+    stream = client.chat.completions.create(
+        model=model_name, messages=openai_messages(kind), max_tokens=NEW_TOKENS, temperature=0, stream=True
+    )
+    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def test_32_concurrent_mixed_requests_equal_each_alone(client, model_name):
+    """Text, one image and two images, streaming and not: 32 at once, each equal to the same request sent alone."""
+    requests_ = [(kind, stream) for kind in ["text", "one_image", "two_images", "text"] for stream in (False, True)] * 4
+    alone = {k: chat(client, model_name, k) for k, _ in set(requests_)}
+    send = lambda r: streamed(client, model_name, r[0]) if r[1] else chat(client, model_name, r[0])  # noqa: E731
+    with ThreadPoolExecutor(len(requests_)) as pool:
+        results = list(pool.map(send, requests_))
+    assert len(results) == 32
+    assert results == [alone[k] for k, _ in requests_]
 
 
 BAD_REQUESTS = {

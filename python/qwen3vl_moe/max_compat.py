@@ -250,3 +250,34 @@ def fail_batch_on_execute_error(model_class: type) -> None:
 
     _schedule._qwen3vl_moe = True  # type: ignore[attr-defined]
     TokenGenerationScheduler._schedule = _schedule  # type: ignore[method-assign]
+
+
+def deadline_on_media_fetches(seconds: float) -> None:
+    """Resolving one media reference of a chat request takes at most ``seconds``, all told.
+
+    Depends on: ``max.serve.router.openai_routes`` resolving every image and
+    video reference through its module-global ``resolve_image_from_url``
+    (imported from ``_image_resolution``), whose own timeouts are per read: a
+    host sending one byte every few seconds would hold the request open
+    indefinitely. The refusal is an ``InputError`` (a 400 naming the limit).
+    """
+    import asyncio
+
+    from max.pipelines.context import InputError
+    from max.serve.router import openai_routes
+
+    resolve = openai_routes.resolve_image_from_url
+    if getattr(resolve, "_qwen3vl_moe", False):
+        return
+
+    async def resolve_image_from_url(image_ref, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return await asyncio.wait_for(resolve(image_ref, *args, **kwargs), seconds)
+        except TimeoutError:
+            raise InputError(
+                f"fetching media from {str(image_ref)[:120]} took longer than {seconds:g} s, the server's "
+                "limit for one media item (QWEN3VL_MOE_MEDIA_FETCH_DEADLINE_S)"
+            ) from None
+
+    resolve_image_from_url._qwen3vl_moe = True  # type: ignore[attr-defined]
+    openai_routes.resolve_image_from_url = resolve_image_from_url

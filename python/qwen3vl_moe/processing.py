@@ -11,8 +11,10 @@ transformers' PIL-backend processor does, with the checkpoint's own
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,7 +29,7 @@ from max.pipelines.context import InputError, PromptTooLongError
 from PIL import Image
 
 from .chat_template import find_chat_template
-from .request_validation import check_image_sizes, check_token_ids
+from .request_validation import check_image_sizes, check_token_ids, image_tokens, too_long
 
 __all__ = ["ImageProcessor", "Qwen3VLTokenizer"]
 
@@ -130,11 +132,18 @@ class Qwen3VLTokenizer(_builtin.Qwen3VLTokenizer):
         if request.prompt is not None and not isinstance(request.prompt, str):
             check_token_ids(request.prompt, self._model_vocab_size)
         if request.images:
-            sizes = [_header_size(raw) for raw in request.images]
+            sizes = [_header_size(image, i) for i, image in enumerate(request.images)]
             check_image_sizes(sizes)
-            self._check_fits(sum(_image_tokens(self.img_processor, w, h) for w, h in sizes), "the images alone take")
+            self._check_fits(sum(image_tokens(self.img_processor, w, h) for w, h in sizes), "the images alone take")
+        build = super().new_context(request)
         try:
-            context = await super().new_context(request)
+            if request.images or request.videos:
+                # Preprocessing media is seconds of CPU for a large photo or a clip: a
+                # bounded pool keeps it off the event loop, so other clients and /health
+                # are not stalled. (MAX's preprocess caches are thread-safe.)
+                context = await asyncio.get_running_loop().run_in_executor(_MEDIA_WORKERS, asyncio.run, build)
+            else:
+                context = await build
         except PromptTooLongError as e:
             self._check_fits(e.num_tokens, "the prompt takes")
             raise
@@ -150,11 +159,7 @@ class Qwen3VLTokenizer(_builtin.Qwen3VLTokenizer):
 
     def _check_fits(self, tokens: int, what: str) -> None:
         if self.max_length and tokens > self.max_length:
-            raise InputError(
-                f"Prompt is too long: {what} {tokens} tokens, more than the server's --max-length of "
-                f"{self.max_length}; send fewer or smaller images or shorter text, or restart the server "
-                f"with --max-length >= {tokens} (plus room for the reply)"
-            )
+            raise too_long(what, tokens, self.max_length)
 
     @cached_property
     def _model_vocab_size(self) -> int:
@@ -167,14 +172,16 @@ class Qwen3VLTokenizer(_builtin.Qwen3VLTokenizer):
         return min(int(rows), self.tokenizer_vocab_size)
 
 
-def _image_tokens(processor: ImageProcessor, width: int, height: int) -> int:
-    """The placeholder tokens an image of this size expands to, computed as the processor resizes it."""
-    factor = processor.patch_size * processor.merge_size
-    h, w = smart_resize(height, width, factor=factor, min_pixels=processor.min_pixels, max_pixels=processor.max_pixels)
-    return (h // factor) * (w // factor)
+# At most this many requests preprocess media at once; the rest wait their turn.
+_MEDIA_WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen3vl-media")
 
 
-def _header_size(raw: bytes) -> tuple[int, int]:
+def _header_size(image: bytes | Image.Image, index: int) -> tuple[int, int]:
     """An image's (width, height) from its header; no pixel is decoded."""
-    with Image.open(io.BytesIO(raw)) as image:
+    if isinstance(image, Image.Image):
         return image.size
+    try:
+        with Image.open(io.BytesIO(image)) as opened:
+            return opened.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"image {index} is not a readable image ({e})") from e

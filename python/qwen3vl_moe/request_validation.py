@@ -1,18 +1,22 @@
 """Every rule a request to the server must meet, checked before any graph runs.
 
 The server (``serving.py``) applies ``check_request`` to each OpenAI request
-body before MAX parses it, and the tokenizer (``processing.py``) applies
-``check_token_ids`` and ``check_image_sizes`` to what reaches it from any
-route. A request that breaks a rule is refused with a 4xx whose message names
-the field, the rule and what is allowed; nothing here fetches media or
-touches the model.
+body before MAX parses it (inline images are measured from their headers
+there, before any pixel is decoded), and the tokenizer (``processing.py``)
+applies ``check_token_ids``, ``check_image_sizes`` and the token budget to
+what reaches it from any route, fetched images included. A request that
+breaks a rule is refused with a 4xx whose message names the field, the rule
+and what is allowed; nothing here fetches media or touches the model.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,7 +31,9 @@ __all__ = [
     "check_image_sizes",
     "check_request",
     "check_token_ids",
+    "image_tokens",
     "parse_body",
+    "too_long",
 ]
 
 CHAT_PART_TYPES = ("text", "image_url", "video_url")
@@ -53,6 +59,8 @@ class ServerFacts:
     vocab_size: int
     allowed_image_roots: tuple[str, ...] = ()
     serves_embeddings: bool = False
+    max_length: int | None = None
+    image_tokens: Callable[[int, int], int] | None = None  # placeholder tokens of a width x height image
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -98,6 +106,25 @@ def check_token_ids(ids: Iterable[Any], vocab_size: int, field: str = "prompt") 
             raise Refusal(
                 f"{field}[{position}] = {token} is not a token id of this model: ids are in [0, {vocab_size})"
             )
+
+
+def image_tokens(processor: Any, width: int, height: int) -> int:
+    """The placeholder tokens an image of this size expands to, computed as the
+    processor (patch_size, merge_size, min_pixels, max_pixels) resizes it."""
+    from .max_compat import smart_resize
+
+    factor = processor.patch_size * processor.merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=processor.min_pixels, max_pixels=processor.max_pixels)
+    return (h // factor) * (w // factor)
+
+
+def too_long(what: str, tokens: int, max_length: int) -> Refusal:
+    """The refusal for a prompt that does not fit, naming the flag and the tokens needed."""
+    return Refusal(
+        f"Prompt is too long: {what} {tokens} tokens, more than the server's --max-length of "
+        f"{max_length}; send fewer or smaller images or shorter text, or restart the server "
+        f"with --max-length >= {tokens} (plus room for the reply)"
+    )
 
 
 def check_image_sizes(sizes: Sequence[tuple[int, int]]) -> None:
@@ -196,6 +223,7 @@ def _check_stop(stop: Any) -> None:
 def _check_messages(messages: Any, facts: ServerFacts) -> None:
     if not isinstance(messages, list) or not messages:
         raise Refusal(f"messages must be a non-empty array of messages, got {_json_type(messages)}")
+    image_sizes: list[tuple[int, int] | None] = []  # data: images, from their headers
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -208,10 +236,11 @@ def _check_messages(messages: Any, facts: ServerFacts) -> None:
         if not isinstance(content, list):
             raise Refusal(f"{where}.content must be a string or an array of content parts, got {_json_type(content)}")
         for j, part in enumerate(content):
-            _check_part(part, f"{where}.content[{j}]", facts)
+            _check_part(part, f"{where}.content[{j}]", facts, image_sizes)
+    _check_images_fit(image_sizes, facts)
 
 
-def _check_part(part: Any, where: str, facts: ServerFacts) -> None:
+def _check_part(part: Any, where: str, facts: ServerFacts, image_sizes: list[tuple[int, int] | None]) -> None:
     if not isinstance(part, dict):
         raise Refusal(f"{where} must be a content part object, got {_json_type(part)}")
     kind = part.get("type")
@@ -226,6 +255,35 @@ def _check_part(part: Any, where: str, facts: ServerFacts) -> None:
     if not isinstance(media, dict) or not isinstance(media.get("url"), str):
         raise Refusal(f"{where}.{kind} must be an object with a string 'url', got {_json_type(media)}")
     check_media_url(media["url"], f"{where}.{kind}.url", facts.allowed_image_roots)
+    if kind == "image_url":
+        image_sizes.append(_data_url_image_size(media["url"]))
+
+
+def _check_images_fit(sizes: list[tuple[int, int] | None], facts: ServerFacts) -> None:
+    """Images given inline are refused from their headers, before any pixel is decoded
+    (images behind URLs are checked the same way by the tokenizer, once fetched)."""
+    known = [size for size in sizes if size is not None]
+    check_image_sizes([size if size is not None else (1, 1) for size in sizes])
+    if facts.image_tokens is None or not facts.max_length or not known:
+        return
+    tokens = sum(facts.image_tokens(w, h) for w, h in known)
+    if tokens > facts.max_length:
+        raise too_long("the images alone take", tokens, facts.max_length)
+
+
+def _data_url_image_size(url: str) -> tuple[int, int] | None:
+    """(width, height) from a base64 data: URL's image header; None when it is not one
+    (the media resolver then says precisely what is wrong with it)."""
+    from PIL import Image
+
+    header, _, payload = url.partition(",")
+    if not header.lower().startswith("data:") or not header.lower().endswith(";base64"):
+        return None
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(payload))) as image:
+            return image.size
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError):
+        return None
 
 
 def check_media_url(url: str, where: str, allowed_roots: Sequence[str]) -> None:

@@ -15,6 +15,10 @@ its requests instead of ending the model worker and the server.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +27,10 @@ from . import TELEMETRY_OFF  # noqa: F401  (sets the no-telemetry defaults befor
 
 DEFAULT_PRESET = "moe"
 DEFAULT_SERVED_NAME = "qwen3vl-moe-tiny"
+# On CPU MAX would batch one request at a time; with continuous batching a short
+# request is answered while a long one generates (measured in
+# tests/test_serve_robustness.py::test_a_short_request_is_not_queued_behind_a_long_one).
+DEFAULT_CPU_MAX_BATCH_SIZE = 16
 
 
 def default_model_path() -> str:
@@ -36,6 +44,15 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def serve_args(args: Sequence[str]) -> list[str]:
     """``max serve`` arguments: the user's, plus this package's defaults."""
     out = ["serve", "--custom-architectures", "qwen3vl_moe", *args]
@@ -45,21 +62,29 @@ def serve_args(args: Sequence[str]) -> list[str]:
             out += ["--served-model-name", DEFAULT_SERVED_NAME]
     if not _has_flag(args, "--devices"):
         out += ["--devices", "cpu"]
+    if _flag_value(out, "--devices") == "cpu" and not _has_flag(args, "--max-batch-size"):
+        out += ["--max-batch-size", str(DEFAULT_CPU_MAX_BATCH_SIZE)]
     if not _has_flag(args, "--host"):
         out += ["--host", "127.0.0.1"]
     return out
 
 
 VALIDATED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# The status logged for a request whose client left before its answer began (nginx's).
+CLIENT_CLOSED_REQUEST = 499
+# Longest one media fetch may take, all told (MAX's own timeouts are per read).
+MEDIA_FETCH_DEADLINE_S = 30.0
 
 
 def server_facts(app: Any) -> Any:
     """What ``request_validation`` needs to know, read off MAX's running app."""
     from max.pipelines.modeling.types import PipelineTask
 
-    from .request_validation import ServerFacts
+    from .request_validation import ServerFacts, image_tokens
 
     pipeline = app.state.pipeline
+    tokenizer = pipeline.tokenizer
+    processor = getattr(tokenizer, "img_processor", None)
     served = [pipeline.model_name]
     if pipeline.lora_queue:
         served += pipeline.lora_queue.list_loras()
@@ -69,6 +94,8 @@ def server_facts(app: Any) -> Any:
         vocab_size=int(getattr(config, "text_config", config).vocab_size),
         allowed_image_roots=tuple(app.state.settings.allowed_image_roots),
         serves_embeddings=app.state.task == PipelineTask.EMBEDDINGS_GENERATION,
+        max_length=getattr(tokenizer, "max_length", None),
+        image_tokens=functools.partial(image_tokens, processor) if processor is not None else None,
     )
 
 
@@ -99,16 +126,49 @@ class RequestValidation:
             check_request(scope["path"], parse_body(raw), server_facts(scope["app"]))
         except Refusal as refusal:
             return await _refuse(scope, receive, send, refusal.status, str(refusal))
-        replayed = False
+        await _serve_until_the_client_leaves(self.app, scope, raw, receive, send)
 
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # later calls watch for the client's disconnect
+
+async def _serve_until_the_client_leaves(app: Any, scope: dict, raw: bytes, receive: Any, send: Any) -> None:
+    """Runs MAX's app on the already-read body. A client that disconnects before
+    its answer starts cancels the work done for it (media fetches, preprocessing,
+    queueing); once the answer has started, MAX sees the disconnect itself."""
+    left = asyncio.Event()
+    started = False
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
             replayed = True
             return {"type": "http.request", "body": raw, "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
 
-        await self.app(scope, replay, send)
+    async def tracked_send(message: dict) -> None:
+        nonlocal started
+        started = True
+        await send(message)
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        left.set()
+
+    answer = asyncio.ensure_future(app(scope, replay, tracked_send))
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done() and not started:
+            answer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await answer
+        if not started:  # nobody will read it: it only tells MAX's middleware the request ended
+            await send({"type": "http.response.start", "status": CLIENT_CLOSED_REQUEST, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+    finally:
+        answer.cancel()  # a no-op once it is done
+        watcher.cancel()
 
 
 async def _refuse(scope: dict, receive: Any, send: Any, status: int, message: str) -> None:
@@ -150,9 +210,10 @@ def install_server_hooks() -> None:
 
     (A failing batch failing its requests, not the server, is installed where
     the model worker runs: on import of ``model.py``.)"""
-    from .max_compat import on_serving_app
+    from .max_compat import deadline_on_media_fetches, on_serving_app
 
     on_serving_app(install_request_checks)
+    deadline_on_media_fetches(float(os.environ.get("QWEN3VL_MOE_MEDIA_FETCH_DEADLINE_S", MEDIA_FETCH_DEADLINE_S)))
 
 
 def serve(args: Sequence[str]) -> int:
