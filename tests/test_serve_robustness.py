@@ -585,3 +585,19 @@ def test_a_short_request_is_not_queued_behind_a_long_one(server, model_name, ref
     print(f"\nshort request: idle {idle:.3f}s, beside a 1000-token generation ({long_took:.1f}s) "
           f"{statistics.median(short):.3f}s")
     assert statistics.median(short) < long_took / 4
+
+
+def test_max_serve_with_the_custom_architecture_gets_the_checks():
+    """Plain ``max serve --custom-architectures qwen3vl_moe``: MAX's own import of the
+    architecture puts the request checks and the precise messages on the app it builds."""
+    from fastapi import HTTPException
+    from max._entrypoints.cli.serve import serve_api_and_model_worker as entry
+    from max.pipelines.lib.arch_lookup import import_custom_architectures
+    from max.serve.config import Settings
+
+    from qwen3vl_moe.serving import RequestValidation
+
+    import_custom_architectures(["qwen3vl_moe"])
+    app = entry.fastapi_app(Settings(), None)  # the serving settings are read only once it serves
+    assert app.user_middleware[-1].cls is RequestValidation  # innermost: after MAX's body-size limit
+    assert app.exception_handlers[HTTPException].__name__ == "say_why"
