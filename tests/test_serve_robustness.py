@@ -28,8 +28,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import SERVER_MAX_LENGTH
-
 TINY_VOCAB = 482  # the tiny checkpoint's text_config.vocab_size
 ALIVE_PROMPT = [{"role": "user", "content": "still there?"}]
 
@@ -375,8 +373,9 @@ def test_a_failing_batch_fails_its_requests_not_the_worker():
     from types import SimpleNamespace
 
     from max.serve.scheduler.text_generation_scheduler import TokenGenerationScheduler
-
-    from qwen3vl_moe.model import Qwen3VLModel  # importing it installs the hook, as in the worker
+    from qwen3vl_moe.model import (
+        Qwen3VLModel,  # importing it installs the hook, as in the worker
+    )
 
     class Pipeline:
         def __init__(self, model: object) -> None:
@@ -594,7 +593,6 @@ def test_max_serve_with_the_custom_architecture_gets_the_checks():
     from max._entrypoints.cli.serve import serve_api_and_model_worker as entry
     from max.pipelines.lib.arch_lookup import import_custom_architectures
     from max.serve.config import Settings
-
     from qwen3vl_moe.serving import RequestValidation
 
     import_custom_architectures(["qwen3vl_moe"])

@@ -29,7 +29,12 @@ from max.pipelines.context import InputError, PromptTooLongError
 from PIL import Image
 
 from .chat_template import find_chat_template
-from .request_validation import check_image_sizes, check_token_ids, image_tokens, too_long
+from .request_validation import (
+    check_image_sizes,
+    check_token_ids,
+    image_tokens,
+    too_long,
+)
 
 __all__ = ["ImageProcessor", "Qwen3VLTokenizer"]
 
