@@ -78,7 +78,7 @@ def cache_root() -> Path:
 
 def _run(cmd: list[str], log: Path, **kwargs: Any) -> None:
     with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
+        f.write("$ " + " ".join("<script>" if "\n" in a else a for a in cmd) + "\n")
         f.flush()
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, **kwargs)
     if rc:
@@ -135,8 +135,8 @@ class LlamaCpp:
             source = next(root.glob("src/llama_cpp_python-*/vendor/llama.cpp"))
         say(f"building llama.cpp ({', '.join(TOOLS)}; about 30 min on 2 cores; log {log}) ...")
         _run(["cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-              "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-              "-DLLAMA_BUILD_SERVER=OFF"], log)
+              "-DGGML_NATIVE=ON", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+              "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"], log)
         _run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1), "--target", *TOOLS], log)
         return cls._from_build(build)
 
