@@ -8,26 +8,26 @@ MAX's memory planning.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from qwen3vl_moe.memory import StepShape, estimate_activation_bytes
+from qwen3vl_moe.model_config import ModelArgs, TextModelArgs, VisionModelArgs
 
 
-def config(**text):
-    vision = SimpleNamespace(
-        hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3, temporal_patch_size=2,
-        patch_size=16, spatial_merge_size=2, out_hidden_size=2048, deepstack_visual_indexes=[8, 16, 24],
+def config(**text) -> ModelArgs:
+    """Qwen3-VL-30B-A3B's dims (docs/published_shapes.md), cut to 2 text layers."""
+    vision = VisionModelArgs(
+        depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304, in_channels=3, patch_size=16,
+        temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=2048, num_position_embeddings=2304,
+        deepstack_visual_indexes=(8, 16, 24),
     )
-    # Qwen3-VL-30B-A3B's text dims (docs/published_shapes.md), cut to 2 layers.
-    text_config = SimpleNamespace(
-        hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_hidden_layers=2,
-        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
-        vocab_size=151936, mlp_only_layers=[], decoder_sparse_step=1,
+    fields = dict(
+        vocab_size=151936, hidden_size=2048, num_layers=2, num_heads=32, num_kv_heads=4, head_dim=128,
+        intermediate_size=6144, rms_norm_eps=1e-6, rope_theta=5e6, mrope_section=(24, 20, 20),
+        sparse_layers=(True, True), num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+        tie_word_embeddings=False,
     )
-    vars(text_config).update(text)
-    return SimpleNamespace(text_config=text_config, vision_config=vision)
+    return ModelArgs(TextModelArgs(**(fields | text)), vision, "hub")
 
 
 @pytest.mark.parametrize("dtype_bytes", [2, 4])
@@ -48,7 +48,7 @@ def test_estimate_covers_the_largest_buffers():
 
 def test_dense_layers_use_the_dense_intermediate():
     moe = estimate_activation_bytes(config(), StepShape(512, 1, 4))
-    dense = estimate_activation_bytes(config(num_experts=0, intermediate_size=60000), StepShape(512, 1, 4))
+    dense = estimate_activation_bytes(config(sparse_layers=(False, False), intermediate_size=60000), StepShape(512, 1, 4))
     assert dense > moe  # a huge dense MLP dominates once no layer is sparse
 
 

@@ -56,7 +56,7 @@ def test_hub_layout_is_recognised_and_renamed(moe_dir):
     assert list(out["vision_encoder.patch_embed.proj.weight"].shape) == [144, 3 * 2 * 16 * 16]
     assert not any(k.startswith("model.") for k in out)
     config = AutoConfig.from_pretrained(moe_dir)
-    assert checkpoint_expert_layout(out, config.text_config) == "hub"
+    assert checkpoint_expert_layout(out, config) == "hub"
 
 
 def test_transformers_layout_is_recognised(moe_dir, tmp_path):
@@ -66,7 +66,7 @@ def test_transformers_layout_is_recognised(moe_dir, tmp_path):
             tensors[name] = np.ascontiguousarray(tensors[name].transpose(0, 2, 1))
     out = convert(moe_dir, tensors, tmp_path)
     config = AutoConfig.from_pretrained(moe_dir)
-    assert checkpoint_expert_layout(out, config.text_config) == "transformers"
+    assert checkpoint_expert_layout(out, config) == "transformers"
 
 
 def test_mixed_layouts_are_rejected(moe_dir, tmp_path):

@@ -69,8 +69,8 @@ from max.pipelines.architectures.qwen3vl_moe.context import Qwen3VLTextAndVision
 from max.pipelines.architectures.qwen3vl_moe.model import Qwen3VLInputs as Qwen3VLInputs  # noqa: E402
 from max.pipelines.architectures.qwen3vl_moe.model import Qwen3VLModel as BuiltinQwen3VLModel  # noqa: E402
 from max.pipelines.architectures.qwen3vl_moe.model_config import (  # noqa: E402
-    Qwen3VLConfig as BuiltinQwen3VLConfig,
-    VisionConfig as BuiltinVisionConfig,
+    Qwen3VLConfig as BuiltinQwen3VLConfig,  # noqa: F401  (re-exported)
+    VisionConfig as BuiltinVisionConfig,  # noqa: F401  (re-exported)
 )
 from max.pipelines.architectures.qwen3vl_moe.tokenizer import Qwen3VLTokenizer as BuiltinQwen3VLTokenizer  # noqa: E402
 

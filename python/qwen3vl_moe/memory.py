@@ -18,7 +18,7 @@ from typing import Any
 
 from max.pipelines.kv_cache.memory_planner import PagedMemoryPlanner
 
-from .model_config import head_dim, is_moe_layer
+from .model_config import ModelArgs, TextModelArgs, VisionModelArgs
 
 __all__ = ["Qwen3VLMemoryPlanner", "StepShape", "estimate_activation_bytes"]
 
@@ -34,54 +34,49 @@ class StepShape:
     dtype_bytes: int
 
 
-def _text_step_bytes(text_config: Any, tokens: int, logit_rows: int, dtype_bytes: int) -> int:
-    tc, T, s = text_config, tokens, dtype_bytes
-    H, hd = tc.hidden_size, head_dim(tc)
-    q, kv = tc.num_attention_heads * hd, tc.num_key_value_heads * hd
+def _text_step_bytes(t: TextModelArgs, tokens: int, logit_rows: int, dtype_bytes: int) -> int:
+    T, s, H = tokens, dtype_bytes, t.hidden_size
+    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     residual = 3 * T * H * s  # the stream, the residual sum, the normed input
     attention = T * (2 * q + 2 * kv) * s  # q, k, v and the attention output
-    rope = 2 * T * hd * FLOAT32  # cos and sin, float32
+    rope = 2 * T * t.head_dim * FLOAT32  # cos and sin, float32
     positions = 3 * T * 8  # int64 3-D position ids
     mlps = [0]
-    for layer in range(tc.num_hidden_layers):
-        if is_moe_layer(tc, layer):
-            E, k, I = tc.num_experts, tc.num_experts_per_tok, tc.moe_intermediate_size
-            rows = T * k  # (token, expert) slots
-            # router logits and top-k weights in float32, gate|up, SwiGLU, per-slot outputs,
-            # and the float32 partial rows of streamed experts (bounded by the slots).
-            mlps.append(T * E * FLOAT32 + 2 * rows * FLOAT32 + rows * (2 * I + I + H) * s + rows * 2 * I * FLOAT32)
-        else:
-            mlps.append(T * 3 * tc.intermediate_size * s)
-    logits = logit_rows * tc.vocab_size * FLOAT32
+    if any(t.sparse_layers):
+        E, k, I = t.num_experts, t.num_experts_per_tok, t.moe_intermediate_size
+        rows = T * k  # (token, expert) slots
+        # router logits and top-k weights in float32, gate|up, SwiGLU, per-slot outputs,
+        # and the float32 partial rows of streamed experts (bounded by the slots).
+        mlps.append(T * E * FLOAT32 + 2 * rows * FLOAT32 + rows * (2 * I + I + H) * s + rows * 2 * I * FLOAT32)
+    if not all(t.sparse_layers):
+        mlps.append(T * 3 * t.intermediate_size * s)
+    logits = logit_rows * t.vocab_size * FLOAT32
     return residual + attention + rope + positions + max(mlps) + logits
 
 
-def _vision_step_bytes(vision_config: Any, patches: int, dtype_bytes: int) -> tuple[int, int]:
+def _vision_step_bytes(v: VisionModelArgs, patches: int, dtype_bytes: int) -> tuple[int, int]:
     """(peak bytes inside the encoder, bytes of its outputs that the decoder reads)."""
-    vc, N, s = vision_config, patches, dtype_bytes
-    Hv, m2 = vc.hidden_size, vc.spatial_merge_size**2
-    in_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-    pixels = N * in_dim * FLOAT32  # the preprocessed patches arrive in float32
+    N, s, Hv, m2 = patches, dtype_bytes, v.hidden_size, v.spatial_merge_size**2
+    pixels = N * v.patch_dim * FLOAT32  # the preprocessed patches arrive in float32
     stream = 3 * N * Hv * s
     attention = 4 * N * Hv * s  # q, k, v, output (the varlen kernel keeps no score matrix)
-    mlp = N * vc.intermediate_size * s
-    rope = 2 * N * (Hv // vc.num_heads) * FLOAT32
+    mlp = N * v.intermediate_size * s
+    rope = 2 * N * (Hv // v.num_heads) * FLOAT32
     merged = N // m2
     merger = merged * m2 * Hv * s * 2  # the merge-window rows and the merger's hidden layer
-    outputs = (1 + len(vc.deepstack_visual_indexes)) * merged * vc.out_hidden_size * s
+    outputs = (1 + len(v.deepstack_visual_indexes)) * merged * v.out_hidden_size * s
     return pixels + stream + attention + mlp + rope + merger + outputs, outputs
 
 
-def estimate_activation_bytes(huggingface_config: Any, step: StepShape) -> int:
+def estimate_activation_bytes(args: ModelArgs, step: StepShape) -> int:
     """Bytes of activations alive at once in the largest step ``step`` describes.
 
     A step's image tokens are at most its tokens, and each image token merges
     ``spatial_merge_size**2`` patches, so that bounds the encoder's patches.
     """
-    vc = huggingface_config.vision_config
-    patches = step.tokens * vc.spatial_merge_size**2
-    vision_peak, vision_outputs = _vision_step_bytes(vc, patches, step.dtype_bytes)
-    text_peak = _text_step_bytes(huggingface_config.text_config, step.tokens, step.logit_rows, step.dtype_bytes)
+    patches = step.tokens * args.vision.spatial_merge_size**2
+    vision_peak, vision_outputs = _vision_step_bytes(args.vision, patches, step.dtype_bytes)
+    text_peak = _text_step_bytes(args.text, step.tokens, step.logit_rows, step.dtype_bytes)
     return max(vision_peak, text_peak + vision_outputs)
 
 
@@ -103,4 +98,4 @@ class Qwen3VLMemoryPlanner(PagedMemoryPlanner):
     """MAX's paged-KV planner with activations estimated from the config (MAX's public planner hook)."""
 
     def estimate_activation_memory(self, pipeline_config: Any, huggingface_config: Any) -> int:
-        return estimate_activation_bytes(huggingface_config, largest_step(pipeline_config))
+        return estimate_activation_bytes(ModelArgs.from_config(huggingface_config), largest_step(pipeline_config))

@@ -31,7 +31,7 @@ from .max_compat import (
     fail_batch_on_execute_error,
 )
 from .memory import estimate_activation_bytes, largest_step
-from .model_config import Qwen3VLConfig
+from .model_config import ModelArgs, Qwen3VLConfig
 from .nn.text_decoder import Qwen3VLTextDecoder
 from .nn.vision import Qwen3VLVisionEncoder
 from .weight_adapters import checkpoint_expert_layout, convert_qwen3vl_model_state_dict
@@ -76,7 +76,7 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
     @classmethod
     def estimate_activation_memory(cls, pipeline_config: Any, huggingface_config: Any) -> int:
         """Activation bytes of the largest step the pipeline admits (what the memory planner reserves)."""
-        return estimate_activation_bytes(huggingface_config, largest_step(pipeline_config))
+        return estimate_activation_bytes(ModelArgs.from_config(huggingface_config), largest_step(pipeline_config))
 
     @classmethod
     def calculate_max_seq_len(cls, pipeline_config: Any, huggingface_config: Any) -> int:
@@ -146,10 +146,12 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
         )
         self.model_config = config
         hf = self.huggingface_config
-        layout = checkpoint_expert_layout(self._language_weights_dict, hf.text_config)
+        self.model_args = ModelArgs.from_config(
+            hf, expert_layout=checkpoint_expert_layout(self._language_weights_dict, hf)
+        )
         self.model = Qwen3VLGraphs(
-            Qwen3VLVisionEncoder(hf.vision_config, config.dtype, config.devices[0]),
-            Qwen3VLTextDecoder(config, hf, layout, self.return_logits),
+            Qwen3VLVisionEncoder(self.model_args.vision, config.dtype, config.devices[0]),
+            Qwen3VLTextDecoder(config, self.model_args, self.return_logits),
         )
         self.model.load_state_dict(model_state_dict, weight_alignment=1, strict=True)
         return config

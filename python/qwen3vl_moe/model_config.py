@@ -9,10 +9,14 @@ expert-layout decisions are taken from the checkpoint config, never guessed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from .max_compat import BuiltinQwen3VLConfig, BuiltinVisionConfig
+from .checkpoints.layout import ExpertLayout, as_config_dict, is_moe_layer, text_dims, vision_dims
 from .checkpoints.validate import validate_checkpoint
 
-__all__ = ["Qwen3VLConfig", "VisionConfig", "head_dim", "is_moe_layer", "mrope_section", "rope_theta"]
+__all__ = ["ModelArgs", "Qwen3VLConfig", "TextModelArgs", "VisionConfig", "VisionModelArgs"]
 
 
 # The vision encoder configuration is MAX's built-in one as it is: the same
@@ -33,32 +37,102 @@ class Qwen3VLConfig(BuiltinQwen3VLConfig):
         return super().calculate_max_seq_len(huggingface_config, model_config)
 
 
-def head_dim(text_config) -> int:
-    """Attention head size: explicit in Qwen3-VL configs, else hidden / heads."""
-    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+@dataclass(frozen=True)
+class TextModelArgs:
+    """The text decoder's shape, as the layers consume it."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # dense layers
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]  # [t, h, w] split of the rotary frequencies
+    sparse_layers: tuple[bool, ...]  # per layer: MoE (True) or dense MLP
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    tie_word_embeddings: bool
 
 
-def is_moe_layer(text_config, layer_idx: int) -> bool:
-    """transformers' rule for which decoder layers are sparse (MoE)."""
-    num_experts = getattr(text_config, "num_experts", 0) or 0
-    mlp_only = getattr(text_config, "mlp_only_layers", None) or []
-    step = getattr(text_config, "decoder_sparse_step", 1) or 1
-    return (
-        layer_idx not in mlp_only
-        and num_experts > 0
-        and (layer_idx + 1) % step == 0
-    )
+@dataclass(frozen=True)
+class VisionModelArgs:
+    """The vision encoder's shape, as the layers consume it."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    in_channels: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    out_hidden_size: int
+    num_position_embeddings: int
+    deepstack_visual_indexes: tuple[int, ...]
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch row: channels x temporal patch x patch x patch."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
 
-def rope_theta(text_config) -> float:
-    """The text rope base; transformers defaults to 500000 when absent."""
-    params = getattr(text_config, "rope_parameters", None) or {}
-    theta = params.get("rope_theta", getattr(text_config, "rope_theta", None))
-    return float(theta) if theta is not None else 500000.0
+@dataclass(frozen=True)
+class ModelArgs:
+    """One typed, frozen description of the model, built once from the checkpoint.
 
+    The dims and the sparse-layer rule come from ``checkpoints.layout`` (the
+    same table that checks a checkpoint's tensors and writes the tiny ones,
+    so defaults live in one place); the rope parameters from the
+    transformers config, which normalises ``rope_scaling`` / ``rope_parameters``.
+    ``expert_layout`` is the checkpoint's fused-expert layout, read off its
+    tensors (None: a dense model, or dims wanted before the weights are read).
+    """
 
-def mrope_section(text_config) -> list[int]:
-    """The [t, h, w] frequency split; transformers defaults to [24, 20, 20]."""
-    params = getattr(text_config, "rope_parameters", None) or {}
-    scaling = getattr(text_config, "rope_scaling", None) or {}
-    return list(params.get("mrope_section") or scaling.get("mrope_section") or [24, 20, 20])
+    text: TextModelArgs
+    vision: VisionModelArgs
+    expert_layout: ExpertLayout | None = None
+
+    @classmethod
+    def from_config(cls, huggingface_config: Any, expert_layout: ExpertLayout | None = None) -> ModelArgs:
+        config = as_config_dict(huggingface_config)
+        tc, vc = huggingface_config.text_config, config.get("vision_config") or {}
+        t, v = text_dims(config), vision_dims(config)
+        moe = "experts" in t
+        params = getattr(tc, "rope_parameters", None) or {}
+        scaling = getattr(tc, "rope_scaling", None) or {}
+        theta = params.get("rope_theta", getattr(tc, "rope_theta", None))
+        text = TextModelArgs(
+            vocab_size=t["vocab"].size,
+            hidden_size=t["hidden"].size,
+            num_layers=t["layers"].size,
+            num_heads=t["heads"].size,
+            num_kv_heads=t["kv_heads"].size,
+            head_dim=t["head_dim"].size,
+            intermediate_size=t["intermediate"].size,
+            rms_norm_eps=float(tc.rms_norm_eps),
+            rope_theta=float(theta) if theta is not None else 500000.0,  # transformers' default
+            mrope_section=tuple(params.get("mrope_section") or scaling.get("mrope_section") or (24, 20, 20)),
+            sparse_layers=tuple(is_moe_layer(config, i) for i in range(t["layers"].size)),
+            num_experts=t["experts"].size if moe else 0,
+            num_experts_per_tok=int(getattr(tc, "num_experts_per_tok", 0) or 0) if moe else 0,
+            moe_intermediate_size=t["moe_intermediate"].size if moe else 0,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+        vision = VisionModelArgs(
+            depth=v["depth"].size,
+            hidden_size=v["hidden"].size,
+            num_heads=int(vc.get("num_heads", 16)),
+            intermediate_size=v["intermediate"].size,
+            in_channels=v["in_channels"].size,
+            patch_size=v["patch"].size,
+            temporal_patch_size=v["temporal_patch"].size,
+            spatial_merge_size=int(vc.get("spatial_merge_size", 2)),
+            out_hidden_size=v["out"].size,
+            num_position_embeddings=v["positions"].size,
+            deepstack_visual_indexes=tuple(v["deepstack"]),
+        )
+        return cls(text=text, vision=vision, expert_layout=expert_layout)

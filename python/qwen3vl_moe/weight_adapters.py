@@ -17,16 +17,14 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from max.driver import Buffer
 from max.dtype import DType
 from max.graph.weights import WeightData, Weights
 
-from .model_config import head_dim, is_moe_layer
-
-ExpertLayout = Literal["hub", "transformers"]
+from .checkpoints.layout import ExpertLayout, as_config_dict, checkpoint_layout, is_moe_layer, text_dims
 
 # A child of MAX's pipeline logger, so `max serve` prints it with its own lines.
 logger = logging.getLogger("max.pipelines.qwen3vl_moe")
@@ -53,96 +51,53 @@ def graph_name(checkpoint_name: str) -> str:
     )
 
 
-def _text_shapes(tc: Any, tied: bool) -> dict[str, tuple[int, ...]]:
-    H, V = tc.hidden_size, tc.vocab_size
-    hd = head_dim(tc)
-    nh, nkv = tc.num_attention_heads, tc.num_key_value_heads
-    shapes: dict[str, tuple[int, ...]] = {
-        "language_model.embed_tokens.weight": (V, H),
-        "language_model.norm.weight": (H,),
-    }
-    if not tied:
-        shapes["language_model.lm_head.weight"] = (V, H)
-    for i in range(tc.num_hidden_layers):
-        p = f"language_model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (H,),
-            p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (nh * hd, H),
-            p + "self_attn.k_proj.weight": (nkv * hd, H),
-            p + "self_attn.v_proj.weight": (nkv * hd, H),
-            p + "self_attn.o_proj.weight": (H, nh * hd),
-            p + "self_attn.q_norm.weight": (hd,),
-            p + "self_attn.k_norm.weight": (hd,),
-        }
-        if is_moe_layer(tc, i):
-            shapes[p + "mlp.gate.weight"] = (tc.num_experts, H)
-            # Expert shapes are checked against both layouts separately.
-        else:
-            Id = tc.intermediate_size
-            shapes |= {
-                p + "mlp.gate_proj.weight": (Id, H),
-                p + "mlp.up_proj.weight": (Id, H),
-                p + "mlp.down_proj.weight": (H, Id),
-            }
-    return shapes
+_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
-def _vision_shapes(vc: Any) -> dict[str, tuple[int, ...]]:
-    D, Iv, out = vc.hidden_size, vc.intermediate_size, vc.out_hidden_size
-    Dm = D * vc.spatial_merge_size**2
-    P, Tp, C = vc.patch_size, vc.temporal_patch_size, vc.in_channels
-    shapes: dict[str, tuple[int, ...]] = {
-        "vision_encoder.patch_embed.proj.weight": (D, C, Tp, P, P),
-        "vision_encoder.patch_embed.proj.bias": (D,),
-        "vision_encoder.pos_embed.weight": (vc.num_position_embeddings, D),
+def _expected_shapes(huggingface_config: Any) -> dict[str, tuple[int, ...]]:
+    """Graph name -> shape of every tensor the config implies, experts aside (their layout is read off)."""
+    return {
+        graph_name(name): spec.shape
+        for name, spec in checkpoint_layout(huggingface_config).items()
+        if not name.endswith(_EXPERTS)
     }
 
-    def merger(p: str, norm_dim: int) -> None:
-        shapes.update({
-            p + "norm.weight": (norm_dim,), p + "norm.bias": (norm_dim,),
-            p + "linear_fc1.weight": (Dm, Dm), p + "linear_fc1.bias": (Dm,),
-            p + "linear_fc2.weight": (out, Dm), p + "linear_fc2.bias": (out,),
-        })
 
-    for j in range(vc.depth):
-        p = f"vision_encoder.blocks.{j}."
-        shapes |= {
-            p + "norm1.weight": (D,), p + "norm1.bias": (D,),
-            p + "norm2.weight": (D,), p + "norm2.bias": (D,),
-            p + "attn.qkv.weight": (3 * D, D), p + "attn.qkv.bias": (3 * D,),
-            p + "attn.proj.weight": (D, D), p + "attn.proj.bias": (D,),
-            p + "mlp.linear_fc1.weight": (Iv, D), p + "mlp.linear_fc1.bias": (Iv,),
-            p + "mlp.linear_fc2.weight": (D, Iv), p + "mlp.linear_fc2.bias": (D,),
-        }
-    merger("vision_encoder.merger.", D)
-    for k in range(len(vc.deepstack_visual_indexes)):
-        merger(f"vision_encoder.deepstack_merger_list.{k}.", Dm)
-    return shapes
+def _sparse_layers(huggingface_config: Any) -> list[int]:
+    config = as_config_dict(huggingface_config)
+    return [i for i in range(text_dims(config)["layers"].size) if is_moe_layer(config, i)]
 
 
-def expert_shapes(tc: Any, layout: ExpertLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(gate_up, down) shapes of one layer's fused experts in ``layout``."""
-    E, H, I = tc.num_experts, tc.hidden_size, tc.moe_intermediate_size
-    if layout == "hub":
-        return (E, H, 2 * I), (E, I, H)
-    return (E, 2 * I, H), (E, H, I)
+def _expert_shapes(huggingface_config: Any) -> dict[ExpertLayout, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(gate_up, down) shapes of one layer's fused experts in each layout (the same for every sparse layer)."""
+    layer = _sparse_layers(huggingface_config)[0]
+    return {
+        layout: tuple(  # type: ignore[misc]
+            checkpoint_layout(huggingface_config, expert_layout=layout)[
+                f"model.language_model.layers.{layer}.{part}"
+            ].shape
+            for part in _EXPERTS
+        )
+        for layout in ("hub", "transformers")
+    }
 
 
-def _expert_layout(name: str, gate_up: tuple[int, ...], down: tuple[int, ...], tc: Any) -> ExpertLayout:
-    matches = [
-        layout for layout in ("hub", "transformers")
-        if expert_shapes(tc, layout) == (gate_up, down)
-    ]
+def _expert_layout(
+    name: str, gate_up: tuple[int, ...], down: tuple[int, ...], huggingface_config: Any,
+    shapes: dict[ExpertLayout, tuple[tuple[int, ...], tuple[int, ...]]],
+) -> ExpertLayout:
+    """Which fused-expert layout the shapes of one layer's experts are in."""
+    matches = [layout for layout, expected in shapes.items() if expected == (gate_up, down)]
     if len(matches) == 1:
         return matches[0]  # type: ignore[return-value]
+    dims = text_dims(as_config_dict(huggingface_config))
     if len(matches) == 2:
         raise CheckpointError(
-            f"{name}: hidden_size={tc.hidden_size} and moe_intermediate_size="
-            f"{tc.moe_intermediate_size} make the hub and transformers expert "
+            f"{name}: hidden_size={dims['hidden'].size} and moe_intermediate_size="
+            f"{dims['moe_intermediate'].size} make the hub and transformers expert "
             "layouts the same shape, so the layout cannot be told apart"
         )
-    hub, mem = expert_shapes(tc, "hub"), expert_shapes(tc, "transformers")
+    hub, mem = shapes["hub"], shapes["transformers"]
     raise CheckpointError(
         f"{name}: experts gate_up_proj {list(gate_up)} / down_proj {list(down)} "
         f"match neither the hub layout {list(hub[0])} / {list(hub[1])} nor the "
@@ -239,9 +194,8 @@ def convert_qwen3vl_model_state_dict(
         Graph-named weights (``language_model.*`` and ``vision_encoder.*``).
     """
     del unused_kwargs
-    tc, vc = huggingface_config.text_config, huggingface_config.vision_config
     tied = bool(getattr(huggingface_config, "tie_word_embeddings", False))
-    expected = _text_shapes(tc, tied) | _vision_shapes(vc)
+    expected = _expected_shapes(huggingface_config)
 
     fp8 = _Fp8Weights.of(state_dict, huggingface_config)
     weights: dict[str, WeightData] = {}
@@ -274,15 +228,15 @@ def convert_qwen3vl_model_state_dict(
 
     problems: list[str] = list(fp8.problems)
     layouts: set[ExpertLayout] = set()
-    for i in range(tc.num_hidden_layers):
-        if not is_moe_layer(tc, i):
-            continue
+    sparse_layers = _sparse_layers(huggingface_config)
+    shapes = _expert_shapes(huggingface_config) if sparse_layers else {}
+    for i in sparse_layers:
         p = f"language_model.layers.{i}.mlp.experts."
         gu, dn = weights.get(p + "gate_up_proj"), weights.get(p + "down_proj")
         if gu is None or dn is None:
             problems.append(f"missing tensor {p}gate_up_proj / {p}down_proj (layer {i} is MoE)")
             continue
-        layouts.add(_expert_layout(p[:-1], tuple(gu.shape), tuple(dn.shape), tc))
+        layouts.add(_expert_layout(p[:-1], tuple(gu.shape), tuple(dn.shape), huggingface_config, shapes))
         expected[p + "gate_up_proj"] = tuple(gu.shape)
         expected[p + "down_proj"] = tuple(dn.shape)
     if len(layouts) > 1:
@@ -321,15 +275,15 @@ def _conv_as_linear(conv: WeightData) -> WeightData:
     )
 
 
-def checkpoint_expert_layout(weights: Mapping[str, WeightData], text_config: Any) -> ExpertLayout | None:
+def checkpoint_expert_layout(weights: Mapping[str, WeightData], huggingface_config: Any) -> ExpertLayout | None:
     """The expert layout of already-checked weights (None for dense models)."""
-    for i in range(text_config.num_hidden_layers):
-        if is_moe_layer(text_config, i):
-            p = f"language_model.layers.{i}.mlp.experts."
-            return _expert_layout(
-                p[:-1],
-                tuple(int(d) for d in weights[p + "gate_up_proj"].shape),
-                tuple(int(d) for d in weights[p + "down_proj"].shape),
-                text_config,
-            )
+    for i in _sparse_layers(huggingface_config):
+        p = f"language_model.layers.{i}.mlp.experts."
+        return _expert_layout(
+            p[:-1],
+            tuple(int(d) for d in weights[p + "gate_up_proj"].shape),
+            tuple(int(d) for d in weights[p + "down_proj"].shape),
+            huggingface_config,
+            _expert_shapes(huggingface_config),
+        )
     return None

@@ -7,7 +7,7 @@ from max.graph import DeviceRef, TensorValue, Weight, ops
 from max.nn.layer import Module
 
 from ..kernels.moe import moe_experts
-from ..weight_adapters import ExpertLayout
+from ..checkpoints.layout import ExpertLayout
 from .linear import StreamingLinear
 
 

@@ -26,8 +26,7 @@ from max.nn.transformer.distributed_transformer import distributed_logits_postpr
 from max.pipelines.lib.interfaces.batch_processor import ragged_batch_inputs
 from max.pipelines.lib.vlm_utils import merge_multimodal_embeddings
 
-from ..model_config import Qwen3VLConfig, head_dim, is_moe_layer, mrope_section, rope_theta
-from ..weight_adapters import ExpertLayout
+from ..model_config import ModelArgs, Qwen3VLConfig
 from .attention import TextAttention
 from .linear import StreamingLinear
 from .mlp import DenseMLP, SparseMoE
@@ -54,55 +53,48 @@ class TextDecoderLayer(Module):
 class Qwen3VLTextDecoder(Module):
     """Embedding, vision merge, decoder layers with deepstack adds, norm, lm_head."""
 
-    def __init__(
-        self,
-        config: Qwen3VLConfig,
-        huggingface_config: Any,
-        expert_layout: ExpertLayout | None,
-        return_logits: ReturnLogits,
-    ) -> None:
+    def __init__(self, config: Qwen3VLConfig, args: ModelArgs, return_logits: ReturnLogits) -> None:
         super().__init__()
         if len(config.devices) != 1:
             raise ValueError(
                 f"this Qwen3-VL implementation runs on one device; got {len(config.devices)}"
             )
-        tc = huggingface_config.text_config
+        t = args.text
         device, dtype = config.devices[0], config.dtype
         self.devices = config.devices
         self.dtype = dtype
-        self.hidden_size = tc.hidden_size
+        self.hidden_size = t.hidden_size
         self.kv_params = config.llm_config.kv_params
         self.return_logits = return_logits
-        self.num_deepstack_layers = len(config.vision_config.deepstack_visual_indexes)
-        head_size = head_dim(tc)
-        self.rope = InterleavedMRope(head_size, rope_theta(tc), mrope_section(tc))
+        self.num_deepstack_layers = len(args.vision.deepstack_visual_indexes)
+        self.rope = InterleavedMRope(t.head_dim, t.rope_theta, list(t.mrope_section))
 
-        def mlp(i: int) -> Module:
-            if is_moe_layer(tc, i):
-                assert expert_layout is not None
+        def mlp(sparse: bool) -> Module:
+            if sparse:
+                assert args.expert_layout is not None
                 return SparseMoE(
-                    hidden_size=tc.hidden_size, num_experts=tc.num_experts,
-                    top_k=tc.num_experts_per_tok, intermediate_size=tc.moe_intermediate_size,
-                    layout=expert_layout, dtype=dtype, device=device,
+                    hidden_size=t.hidden_size, num_experts=t.num_experts,
+                    top_k=t.num_experts_per_tok, intermediate_size=t.moe_intermediate_size,
+                    layout=args.expert_layout, dtype=dtype, device=device,
                 )
-            return DenseMLP(tc.hidden_size, tc.intermediate_size, dtype, device)
+            return DenseMLP(t.hidden_size, t.intermediate_size, dtype, device)
 
         self.layers = LayerList([
             TextDecoderLayer(
                 TextAttention(
-                    hidden_size=tc.hidden_size, num_heads=tc.num_attention_heads,
-                    num_kv_heads=tc.num_key_value_heads, head_dim=head_size,
-                    rms_norm_eps=tc.rms_norm_eps, kv_params=self.kv_params,
+                    hidden_size=t.hidden_size, num_heads=t.num_heads,
+                    num_kv_heads=t.num_kv_heads, head_dim=t.head_dim,
+                    rms_norm_eps=t.rms_norm_eps, kv_params=self.kv_params,
                     dtype=dtype, device=device,
                 ),
-                mlp(i), tc.hidden_size, tc.rms_norm_eps, dtype,
+                mlp(sparse), t.hidden_size, t.rms_norm_eps, dtype,
             )
-            for i in range(tc.num_hidden_layers)
+            for sparse in t.sparse_layers
         ])
-        self.embed_tokens = Embedding(tc.vocab_size, tc.hidden_size, dtype, device)
-        self.norm = RMSNorm(tc.hidden_size, dtype, tc.rms_norm_eps, multiply_before_cast=False)
-        self.lm_head = StreamingLinear(tc.hidden_size, tc.vocab_size, dtype, device)
-        if getattr(huggingface_config, "tie_word_embeddings", False):
+        self.embed_tokens = Embedding(t.vocab_size, t.hidden_size, dtype, device)
+        self.norm = RMSNorm(t.hidden_size, dtype, t.rms_norm_eps, multiply_before_cast=False)
+        self.lm_head = StreamingLinear(t.hidden_size, t.vocab_size, dtype, device)
+        if t.tie_word_embeddings:
             self.lm_head.set_shared_weight("weight", self.embed_tokens.weight)
 
     def input_tree(self, kv_params: KVCacheParamInterface) -> OrderedDict[str, object]:

@@ -20,6 +20,7 @@ from max.nn.norm import LayerNorm
 
 from ..kernels.attention import varlen_attention
 from ..kernels.vision import bilinear_pos_embed
+from ..model_config import VisionModelArgs
 
 LAYER_NORM_EPS = 1e-6  # hard-coded in transformers
 ROPE_THETA = 10000.0  # hard-coded in transformers
@@ -141,23 +142,22 @@ class PositionTable(Module):
 class Qwen3VLVisionEncoder(Module):
     """pixel patches [N, C*Tp*P*P] -> (merged [N/m^2, out], deepstack features [N/m^2, out] each)."""
 
-    def __init__(self, vision_config: Any, dtype: DType, device: DeviceRef) -> None:
+    def __init__(self, args: VisionModelArgs, dtype: DType, device: DeviceRef) -> None:
         super().__init__()
-        vc = vision_config
         self.dtype, self.device = dtype, device
-        self.merge = vc.spatial_merge_size
-        self.in_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-        self.patch_embed = PatchEmbed(self.in_dim, vc.hidden_size, dtype, device)
-        self.pos_embed = PositionTable(vc.num_position_embeddings, vc.hidden_size, dtype, device)
-        self.rope = VisionRope(vc.hidden_size // vc.num_heads)
+        self.merge = args.spatial_merge_size
+        self.in_dim = args.patch_dim
+        self.patch_embed = PatchEmbed(self.in_dim, args.hidden_size, dtype, device)
+        self.pos_embed = PositionTable(args.num_position_embeddings, args.hidden_size, dtype, device)
+        self.rope = VisionRope(args.hidden_size // args.num_heads)
         self.blocks = LayerList([
-            VisionBlock(vc.hidden_size, vc.num_heads, vc.intermediate_size, dtype, device)
-            for _ in range(vc.depth)
+            VisionBlock(args.hidden_size, args.num_heads, args.intermediate_size, dtype, device)
+            for _ in range(args.depth)
         ])
-        self.deepstack_visual_indexes = list(vc.deepstack_visual_indexes)
-        self.merger = PatchMerger(vc.hidden_size, vc.out_hidden_size, self.merge, False, dtype, device)
+        self.deepstack_visual_indexes = list(args.deepstack_visual_indexes)
+        self.merger = PatchMerger(args.hidden_size, args.out_hidden_size, self.merge, False, dtype, device)
         self.deepstack_merger_list = LayerList([
-            PatchMerger(vc.hidden_size, vc.out_hidden_size, self.merge, True, dtype, device)
+            PatchMerger(args.hidden_size, args.out_hidden_size, self.merge, True, dtype, device)
             for _ in self.deepstack_visual_indexes
         ])
 
