@@ -23,12 +23,11 @@ from typing import Any
 import av
 import numpy as np
 import numpy.typing as npt
-from max.pipelines.architectures.qwen2_5vl.nn.qwen_vl_utils import smart_resize
-from max.pipelines.architectures.qwen3vl_moe import tokenizer as _builtin
 from max.pipelines.context import InputError, PromptTooLongError
 from PIL import Image
 
 from .chat_template import find_chat_template
+from .max_compat import BuiltinQwen3VLTokenizer, smart_resize
 from .request_validation import (
     check_image_sizes,
     check_token_ids,
@@ -109,7 +108,7 @@ class ImageProcessor:
         return np.vstack(rows), np.asarray(grids, dtype=np.int32), list(rows)
 
 
-class Qwen3VLTokenizer(_builtin.Qwen3VLTokenizer):
+class Qwen3VLTokenizer(BuiltinQwen3VLTokenizer):
     """MAX's Qwen3-VL tokenizer with transformers-exact image preprocessing
     and precise errors for media that cannot be used."""
 
