@@ -88,6 +88,20 @@ _require(BuiltinQwen3VLModel, ("_load_state_dict", "_create_model_config", "grap
 _require(BuiltinQwen3VLTokenizer, ("_preprocess_one_clip", "new_context"))
 
 
+def run_max_cli(argv: list[str]) -> int:
+    """Runs the ``max`` command line in this process (``max serve ...``) and returns its exit code.
+
+    Depends on: ``max._entrypoints.pipelines.main``, what the ``max`` console
+    script calls, reading its arguments from ``sys.argv``.
+    """
+    import sys
+
+    from max._entrypoints.pipelines import main
+
+    sys.argv = ["max", *argv]
+    return int(main() or 0)
+
+
 def pipeline_model_of(pipeline: Any) -> Any:
     """The pipeline model inside a text-generation pipeline (MAX keeps it in ``_pipeline_model``)."""
     return pipeline._pipeline_model

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -218,12 +217,10 @@ def install_server_hooks() -> None:
 
 def serve(args: Sequence[str]) -> int:
     """Runs the server in this process until it is stopped."""
-    from max._entrypoints.pipelines import main as max_main
-
     from .checkpoints.validate import validate_serve_args
+    from .max_compat import run_max_cli
 
     argv = serve_args(args)
     validate_serve_args(argv)  # before MAX starts: a broken checkpoint is one message, not a crash
     install_server_hooks()
-    sys.argv = ["max", *argv]
-    return int(max_main() or 0)
+    return run_max_cli(argv)
