@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
-from test_vision_model import ONE_IMAGE
+from media import ONE_IMAGE
 
 pytestmark = pytest.mark.slow
 

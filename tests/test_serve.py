@@ -15,7 +15,7 @@ import pytest
 import requests
 from conftest import SERVER_MAX_LENGTH
 from PIL import Image
-from test_vision_model import image, make_video
+from media import image, make_video
 
 NEW_TOKENS = 16
 
