@@ -1,5 +1,10 @@
 """Shared test setup: offline, no telemetry, tiny checkpoints made locally,
-and one OpenAI-compatible server per test session.
+one loaded engine per checkpoint and settings, and one OpenAI-compatible
+server per test session.
+
+Loading an engine compiles its graphs (minutes when MAX's cache is cold, tens
+of seconds from the cache), so test modules that need the same checkpoint
+with the same settings share one through ``load_engine``.
 
 The server (``qwen3vl-moe serve`` on the tiny checkpoint, 127.0.0.1, a free
 port) is shared by test_serve.py and test_serve_robustness.py: its graphs
@@ -26,6 +31,26 @@ SERVER_MAX_LENGTH = 2048
 # The one host the server may fetch media from, for tests that run a local image host.
 MEDIA_HOST = "localhost"
 MEDIA_FETCH_DEADLINE_S = 6  # short, so the slow-host test is quick
+
+
+# The settings the model tests load engines with (max_length covers the largest test prompt).
+ENGINE_SETTINGS = {"max_length": 1024, "max_batch_size": 4, "echo": True}
+
+
+@pytest.fixture(scope="session")
+def load_engine():
+    """``load_engine(checkpoint)``: this session's CPU engine for ``checkpoint`` with ENGINE_SETTINGS."""
+    engines = {}
+
+    def load(checkpoint):
+        from qwen3vl_moe.api import Qwen3VL
+
+        key = str(checkpoint)
+        if key not in engines:
+            engines[key] = Qwen3VL(checkpoint, devices="cpu", **ENGINE_SETTINGS)
+        return engines[key]
+
+    return load
 
 
 def free_port() -> int:

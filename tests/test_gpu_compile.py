@@ -15,6 +15,8 @@ import pytest
 
 from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here runs compiled graphs
+
 
 @pytest.mark.parametrize("preset", ["moe"])
 def test_pipeline_compiles_for_sm90(preset, tmp_path):

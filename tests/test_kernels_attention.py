@@ -32,6 +32,8 @@ from kernel_harness import (  # noqa: E402
 )
 from qwen3vl_moe.kernels.attention import varlen_attention  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here runs compiled graphs
+
 F32, BF16, I32 = DType.float32, DType.bfloat16, DType.int32
 SCALE = 72**-0.5          # one compile-time scale for every head_dim tested
 
@@ -162,7 +164,6 @@ def test_varlen_attention_bad_inputs_raise(attention_model):
 
 
 # ----------------------------------------------------------------------------- GPU compile (sm_90)
-@pytest.mark.slow
 def test_gpu_paths_compile_sm90():
     """All four variants (bidirectional/causal, f32/bf16) build for a virtual cuda/sm_90 device."""
     assert_gpu_compile(__file__, precompile("attention"))

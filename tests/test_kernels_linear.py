@@ -20,6 +20,8 @@ from max.graph import DeviceRef, Graph, TensorType, ops
 from kernel_harness import precompile
 from qwen3vl_moe.kernels.linear import linear
 
+pytestmark = pytest.mark.slow  # every test here runs compiled graphs
+
 F32, BF16 = DType.float32, DType.bfloat16
 
 

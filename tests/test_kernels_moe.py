@@ -34,6 +34,8 @@ from max.graph import DeviceRef, Graph, TensorType, ops
 from kernel_harness import GPU_COMPILE_FLAG, assert_gpu_compile, gpu_compile_main, precompile
 from qwen3vl_moe.kernels.moe import moe_experts, moe_route
 
+pytestmark = pytest.mark.slow  # every test here runs compiled graphs
+
 F32, BF16 = DType.float32, DType.bfloat16
 TOP_KS = (1, 3, 8)          # compile-time parameter of qwen3vl_moe_route: one instantiation each
 MIN_E = max(TOP_KS)
@@ -262,7 +264,6 @@ def test_moe_matches_transformers_block(moe_model):
             assert err <= 1e-5, f"{impl} hub={hub}: rel err {err:.2e}"
 
 
-@pytest.mark.slow
 def test_gpu_paths_compile_for_sm90():
     """Compile (not run) every MoE op's GPU path for a virtual cuda/sm_90 device."""
     assert_gpu_compile(__file__, precompile("text"), timeout=900)

@@ -31,6 +31,8 @@ from kernel_harness import (  # noqa: E402
 )
 from qwen3vl_moe.kernels.vision import bilinear_pos_embed  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here runs compiled graphs
+
 F32, BF16, I64 = DType.float32, DType.bfloat16, DType.int64
 SIDE, MERGE = 48, 2       # Qwen3-VL: 2304 position embeddings, merge 2
 
@@ -110,7 +112,6 @@ def test_bilinear_pos_embed_bad_grid_raises(vision_model):
 
 
 # ----------------------------------------------------------------------------- GPU compile (sm_90)
-@pytest.mark.slow
 def test_gpu_paths_compile_sm90():
     """The op (f32 + bf16 tables) builds for a virtual cuda/sm_90 device."""
     assert_gpu_compile(__file__, precompile("vision"))

@@ -21,10 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from qwen3vl_moe.api import Qwen3VL
-
-    return Qwen3VL(tiny_checkpoint("moe"), devices="cpu", max_length=1024, max_batch_size=4, echo=True)
+def engine(load_engine):
+    return load_engine(tiny_checkpoint("moe"))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ import torch
 
 from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here runs compiled graphs
+
 PRESETS = ["moe", "dense", "moe-sparse2"]
 
 CONVERSATIONS = [
@@ -45,10 +47,8 @@ def reference(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoint):
-    from qwen3vl_moe.api import Qwen3VL
-
-    return Qwen3VL(checkpoint, devices="cpu", max_length=512, max_batch_size=4, echo=True)
+def engine(load_engine, checkpoint):
+    return load_engine(checkpoint)
 
 
 def reference_logits(model, ids: list[int]) -> np.ndarray:

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from media import ONE_IMAGE, TWO_IMAGES, conversation, image, make_video
 from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here runs compiled graphs
+
 NEW_TOKENS = 32
 
 
@@ -44,10 +46,8 @@ def hf_processor(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoint):
-    from qwen3vl_moe.api import Qwen3VL
-
-    return Qwen3VL(checkpoint, devices="cpu", max_length=1024, max_batch_size=4, echo=True)
+def engine(load_engine, checkpoint):
+    return load_engine(checkpoint)
 
 
 def hf_inputs(processor, conv) -> dict:
