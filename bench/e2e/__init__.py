@@ -43,7 +43,7 @@ Measured:
   processor as the step clock; llama.cpp: ``llama-bench -n N -d 512`` and
   ``llama-batched-bench -npl 8``, its KV cache in ``--llama-kv-type``);
 - vision encoder ms per ``--image-size`` (448) square image, the encoder
-  alone (llama.cpp: the "image slice encoded in" time ``llama-mtmd-cli`` logs);
+  alone (llama.cpp: the encoding time ``llama-mtmd-cli`` logs);
 - peak RSS per contender;
 - the decode floor (``floor.py``): weights read per decode step over the
   memory bandwidth measured in the same run, per weight type;

@@ -281,8 +281,10 @@ def greedy_check(hf: protocol.Worker, llama_f32: llamacpp.LlamaContender,
     finally:
         for w in workers:
             w.resume()
+    expected = theirs["text"] + ("\n" if theirs["stopped_at_eos"] else "")  # the CLI's newline at end of generation
     check = {"prompt": GREEDY_PROMPT, "new_tokens": GREEDY_TOKENS, "transformers_ids": theirs["ids"],
-             "transformers": theirs["text"], "llama.cpp": text, "identical": text == theirs["text"]}
+             "transformers_stopped_at_eos": theirs["stopped_at_eos"], "transformers": theirs["text"],
+             "llama.cpp": text, "identical": text == expected}
     print(f"greedy check, llama.cpp F32 vs transformers: {'identical' if check['identical'] else 'DIFFERENT'} "
           f"({theirs['text']!r} / {text!r})", flush=True)
     return check

@@ -279,7 +279,7 @@ class LlamaContender:
             "-m", str(self.text_gguf), "--mmproj", str(self.mmproj_gguf), *self._threads(),
             "--image", self.spec["image_path"], "-p", "Describe the image.", "-n", "1", "--temp", "0",
             "-c", "2048"])
-        return {"s": parse_encode_ms(stderr) / 1e3, "patches": None, "merged_tokens": parse_image_tokens(stderr)}
+        return {"s": parse_encode_ms(stderr) / 1e3, "patches": None, "merged_tokens": None}
 
     def greedy_text(self, text: str, new_tokens: int) -> str:
         """Greedy continuation of plain ``text`` (``llama-mtmd-cli`` chat mode with a pass-through template)."""
@@ -291,26 +291,26 @@ class LlamaContender:
 
 
 def parse_encode_ms(log: str) -> float:
-    """Total of the "image slice encoded in N ms" lines ``mtmd_helper`` logs (one per slice)."""
-    times = [float(m) for m in re.findall(r"image slice encoded in (\d+(?:\.\d+)?) ms", log)]
+    """The image encoder's time: the sum of ``llama-mtmd-cli``'s "mtmd batch encoding done in N ms" lines.
+
+    (Builds whose CLI encodes through ``mtmd_helper`` log "image slice
+    encoded in N ms" per slice instead; both time ``mtmd_*encode*`` alone.)
+    """
+    times = [float(m) for m in re.findall(r"(?:mtmd batch encoding done|image slice encoded) in (\d+) ms", log)]
     if not times:
-        raise RuntimeError("llama-mtmd-cli logged no 'image slice encoded in ... ms' line")
+        raise RuntimeError("llama-mtmd-cli logged no 'mtmd batch encoding done in N ms' line")
     return sum(times)
 
 
-def parse_image_tokens(log: str) -> int | None:
-    """The image's tokens handed to the text model ("decoding image batch i/n, n_tokens_batch = N" lines)."""
-    counts = [int(n) for n in re.findall(r"decoding image batch \d+/\d+, n_tokens_batch = (\d+)", log)]
-    return sum(counts) if counts else None
-
-
 def parse_chat_reply(stdout: str, prompt: str) -> str:
-    """The model's reply in ``llama-mtmd-cli`` chat mode: between the first prompt marker and the next.
+    """The model's reply in ``llama-mtmd-cli`` chat mode: what follows the prompt, up to the next prompt marker.
 
-    Its console echoes the typed line itself when the terminal cannot (stdin
-    not a tty), so an echoed prompt is dropped.
+    The CLI echoes the typed line ("> prompt\\n"), prints "\\n" once the prompt
+    is evaluated, then the reply, then "\\n" if the reply ended at an
+    end-of-generation token (not after ``-n`` tokens), then "\\n> ".
     """
     parts = stdout.split("\n> ")
-    if len(parts) < 3:
+    echoed = prompt + "\n\n"
+    if len(parts) < 3 or not parts[1].startswith(echoed):
         raise RuntimeError(f"unexpected llama-mtmd-cli chat output: {stdout[-500:]!r}")
-    return "\n> ".join(parts[1:-1]).removeprefix(prompt + "\n").removesuffix("\n")
+    return "\n> ".join(parts[1:-1])[len(echoed):]

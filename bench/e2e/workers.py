@@ -284,9 +284,10 @@ class HFWorker:
         ids = out[0, len(prompt):].tolist()
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
-        if ids and ids[-1] in eos:  # llama.cpp stops before printing an end-of-generation token
+        stopped = bool(ids) and ids[-1] in eos
+        if stopped:  # llama.cpp stops before printing an end-of-generation token
             ids = ids[:-1]
-        return {"prompt_ids": prompt, "ids": ids, "text": tokenizer.decode(ids)}
+        return {"prompt_ids": prompt, "ids": ids, "text": tokenizer.decode(ids), "stopped_at_eos": stopped}
 
     def vision(self, impl: str) -> dict[str, Any]:
         from transformers import AutoImageProcessor
