@@ -305,12 +305,14 @@ def parse_encode_ms(log: str) -> float:
 def parse_chat_reply(stdout: str, prompt: str) -> str:
     """The model's reply in ``llama-mtmd-cli`` chat mode: what follows the prompt, up to the next prompt marker.
 
-    The CLI echoes the typed line ("> prompt\\n"), prints "\\n" once the prompt
-    is evaluated, then the reply, then "\\n" if the reply ended at an
-    end-of-generation token (not after ``-n`` tokens), then "\\n> ".
+    The CLI prints "\\n> ", reads the prompt, prints "\\n" once it is
+    evaluated, then the reply, then "\\n" if the reply ended at an
+    end-of-generation token (not after ``-n`` tokens), then "\\n> ". Its console
+    also echoes the typed line ("prompt\\n") straight to stdout while the
+    CLI's own output goes through a logging thread, so the echo lands anywhere
+    before the reply: it is removed first.
     """
-    parts = stdout.split("\n> ")
-    echoed = prompt + "\n\n"
-    if len(parts) < 3 or not parts[1].startswith(echoed):
+    parts = stdout.replace(prompt + "\n", "", 1).split("\n> ")
+    if len(parts) < 3 or not parts[1].startswith("\n"):
         raise RuntimeError(f"unexpected llama-mtmd-cli chat output: {stdout[-500:]!r}")
-    return "\n> ".join(parts[1:-1])[len(echoed):]
+    return "\n> ".join(parts[1:-1])[1:]
