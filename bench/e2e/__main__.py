@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "built on first use under $QWEN3VL_MOE_CACHE/llama.cpp)")
     parser.add_argument("--llama-kv-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                         help="llama.cpp's KV cache type (default f16, llama.cpp's own default)")
+    parser.add_argument("--llama-repack", choices=["on", "off"], default="on",
+                        help="llama.cpp's weight repacking (its extra CPU buffer types, AMX included; default on, "
+                             "llama.cpp's default; off where its repacked kernels crash)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
     parser.add_argument("--tag", help="appended to the result file name (e.g. contended)")
     parser.add_argument("--out", help="JSON path (default bench/results/e2e-<device>[-quick]-<date>[-<tag>].json)")
@@ -224,7 +227,7 @@ def prepare_llama(args: argparse.Namespace, model_path: Path, spec: dict[str, An
     llama = llamacpp.LlamaCpp.locate(args.llama_build, say=lambda s: print(s, flush=True))
     image_path = log_dir / f"image-{args.image_size}.png"
     image_448(args.image_size).save(image_path)
-    llama_spec = {"threads": args.threads, "kv_type": args.llama_kv_type, "prompt_len": args.prompt_len,
+    llama_spec = {"threads": args.threads, "kv_type": args.llama_kv_type, "repack": args.llama_repack == "on", "prompt_len": args.prompt_len,
                   "new_tokens": args.new_tokens, "batch": args.batch, "batch_prompt_len": args.batch_prompt_len,
                   "image_path": str(image_path)}
     convert_log = log_dir / "convert.log"
@@ -235,7 +238,8 @@ def prepare_llama(args: argparse.Namespace, model_path: Path, spec: dict[str, An
         mmproj = llama.gguf(model_path, "f32", convert_log, mmproj=True) if weight_type == "f32" else None
         print(f"llama.cpp {weight_type}: {text} ({time.perf_counter() - t:.0f} s)", flush=True)
         contenders.append(llamacpp.LlamaContender(llama, weight_type, text, mmproj, llama_spec, log_dir))
-    result["llama"] = {**llama.describe(), "kv_type": args.llama_kv_type, "threads": args.threads,
+    result["llama"] = {**llama.describe(), "kv_type": args.llama_kv_type, "repack": args.llama_repack,
+                       "threads": args.threads,
                        "gguf": {c.name: str(c.text_gguf) for c in contenders},
                        "mmproj": next((str(c.mmproj_gguf) for c in contenders if c.mmproj_gguf), None),
                        "rss_by_tool": {}, "tools": {}}

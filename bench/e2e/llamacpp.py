@@ -235,12 +235,17 @@ class LlamaContender:
     def _kv(self) -> list[str]:
         return ["-ctk", self.spec["kv_type"], "-ctv", self.spec["kv_type"]]
 
+    def _no_repack(self) -> list[str]:
+        """llama.cpp's flag that keeps weights in plain CPU buffers (no repacked or AMX layouts), if asked for."""
+        return [] if self.spec["repack"] else ["--no-repack"]
+
     def run(self, bench: str) -> dict[str, Any]:
         return {"long": self.long, "batch": self.batch, "vision": self.vision}[bench]()
 
     def _llama_bench(self, args: list[str]) -> dict[str, Any]:
         stdout, _ = self._tool("llama-bench", ["-m", str(self.text_gguf), *self._threads(), *self._kv(),
-                                               "-r", "1", "-o", "json", *args])
+                                               "--repack", str(int(self.spec["repack"])), "-r", "1", "-o", "json",
+                                               *args])
         [result] = json.loads(stdout)
         self.info.setdefault("llama-bench", {k: result.get(k) for k in (
             "build_commit", "build_number", "cpu_info", "backends", "n_threads", "type_k", "type_v",
@@ -260,6 +265,7 @@ class LlamaContender:
         B, P, N = self.spec["batch"], self.spec["batch_prompt_len"], self.spec["new_tokens"]
         stdout, _ = self._tool("llama-batched-bench", [
             "-m", str(self.text_gguf), *self._threads(), "-tb", str(self.spec["threads"]), *self._kv(),
+            *self._no_repack(),
             "-c", str(B * (P + N)), "-b", "2048", "-ub", "512", "-npp", str(P), "-ntg", str(N), "-npl", str(B),
             "--output-format", "jsonl"])
         rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
@@ -276,7 +282,7 @@ class LlamaContender:
         if self.mmproj_gguf is None:
             return {"s": float("nan"), "patches": None, "merged_tokens": None}
         _, stderr = self._tool("llama-mtmd-cli", [
-            "-m", str(self.text_gguf), "--mmproj", str(self.mmproj_gguf), *self._threads(),
+            "-m", str(self.text_gguf), "--mmproj", str(self.mmproj_gguf), *self._threads(), *self._no_repack(),
             "--image", self.spec["image_path"], "-p", "Describe the image.", "-n", "1", "--temp", "0",
             "-c", "2048"])
         return {"s": parse_encode_ms(stderr) / 1e3, "patches": None, "merged_tokens": None}
@@ -284,7 +290,7 @@ class LlamaContender:
     def greedy_text(self, text: str, new_tokens: int) -> str:
         """Greedy continuation of plain ``text`` (``llama-mtmd-cli`` chat mode with a pass-through template)."""
         stdout, _ = self._tool("llama-mtmd-cli", [
-            "-m", str(self.text_gguf), "--mmproj", str(self.mmproj_gguf), *self._threads(),
+            "-m", str(self.text_gguf), "--mmproj", str(self.mmproj_gguf), *self._threads(), *self._no_repack(),
             "-n", str(new_tokens), "--temp", "0", "--top-k", "1", "--seed", "0", "-c", "512",
             "--jinja", "--chat-template", _RAW_TEMPLATE], stdin=text + "\n")
         return parse_chat_reply(stdout, text)

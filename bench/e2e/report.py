@@ -195,7 +195,8 @@ def render(result: dict[str, Any], args: Any) -> tuple[str, str]:
               f"read per step ({B} tokens hit {result['experts_hit_bN']:.1f} experts/layer under uniform routing)")]
     llama = result.get("llama")
     if llama:
-        notes.append(f"llama.cpp: KV cache {llama['kv_type']}, {llama['threads']} threads, mmproj F32 "
+        notes.append(f"llama.cpp: KV cache {llama['kv_type']}, weight repacking {llama['repack']}, "
+                     f"{llama['threads']} threads, mmproj F32 "
                      f"(vision measured with the F32 text model); build "
                      + ", ".join(sorted({t["llama-bench"]["build_commit"] for t in llama["tools"].values()
                                          if "llama-bench" in t})))
