@@ -29,9 +29,9 @@ contender alike, and stops every other worker (SIGSTOP/SIGCONT) while one is
 timed: an idle worker is not idle (MAX's runtime polls from a thread, torch
 keeps threads), and on two cores that alone slowed transformers by up to 50%
 before this was done. Timings are medians over ``--repeats`` rounds after
-``--warmup`` rounds. Peak RSS is each process's own high-water mark (VmHWM;
-a child's ``ru_maxrss`` after fork + exec from the driver would include the
-driver's peak).
+``--warmup`` rounds. Peak RSS is each process's own high-water mark (workers:
+VmHWM; llama.cpp's tools: ``ru_maxrss`` as a small wrapper process sees it; a
+child forked from the driver itself would inherit the driver's peak).
 
 Measured:
 

@@ -274,8 +274,7 @@ class LlamaContender:
         row = rows[0]
         self.info.setdefault("llama-batched-bench", {k: row[k] for k in (
             "n_kv_max", "n_batch", "n_ubatch", "flash_attn", "is_pp_shared", "n_threads")})
-        return {"decode_tok_s": row["speed_tg"], "step_ms": 1e3 * row["t_tg"] / N, "decode_tokens": B * N,
-                "prefill_tok_s": row["speed_pp"]}
+        return {"decode_tok_s": row["speed_tg"], "step_ms": 1e3 * row["t_tg"] / N, "decode_tokens": B * N}
 
     def vision(self) -> dict[str, Any]:
         """The image encoder's time for the benchmark image, as ``llama-mtmd-cli`` logs it (F32 mmproj)."""
