@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from .tiny import cached_directory
+
 __all__ = [
     "RawTensor",
     "bf16_bits_to_float32",
     "bfloat16_checkpoint",
     "cached_conversion",
-    "cached_directory",
     "float32_to_bf16_bits",
     "read_safetensors",
     "rewrite_checkpoint",
@@ -195,28 +195,6 @@ def to_bfloat16(tensors: Mapping[str, RawTensor]) -> dict[str, RawTensor]:
 def write_bfloat16_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """A bfloat16 copy of ``src`` in ``dst``."""
     return rewrite_checkpoint(src, dst, to_bfloat16, dtype="bfloat16")
-
-
-def cached_directory(final: Path, write: Callable[[Path], object]) -> Path:
-    """``final``, written once by ``write(tmp)`` into a temporary sibling and renamed into place.
-
-    Concurrent processes see a complete directory or none (as ``tiny_checkpoint``).
-    """
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # not a lost race: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def cached_conversion(src: str | os.PathLike[str], suffix: str,

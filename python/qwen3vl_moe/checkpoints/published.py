@@ -23,9 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .convert import cached_directory
 from .layout import checkpoint_layout
-from .tiny import FORMAT_VERSION, default_cache_dir, token_ids, write_checkpoint_from_config
+from .tiny import (
+    FORMAT_VERSION,
+    cached_directory,
+    default_cache_dir,
+    token_ids,
+    write_checkpoint_from_config,
+)
 
 __all__ = ["PUBLISHED", "PublishedModel", "float32_bytes", "published_checkpoint", "published_config"]
 

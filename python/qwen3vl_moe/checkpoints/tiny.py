@@ -41,6 +41,7 @@ __all__ = [
     "TEMPLATE_PLACEMENTS",
     "Preset",
     "build_model",
+    "cached_directory",
     "default_cache_dir",
     "preset_config",
     "tiny_checkpoint",
@@ -794,6 +795,28 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() / "checkpoints"
 
 
+def cached_directory(final: Path, write: Callable[[Path], object]) -> Path:
+    """``final``, written once by ``write(tmp)`` into a temporary sibling and renamed into place.
+
+    Concurrent processes see a complete directory or none.
+    """
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def tiny_checkpoint(
     preset: str = "moe", seed: int = 0, cache_dir: str | os.PathLike[str] | None = None
 ) -> Path:
@@ -804,22 +827,7 @@ def tiny_checkpoint(
     """
     preset_config(preset)  # an unknown preset fails before anything is created
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / f"{preset}-s{seed}-v{FORMAT_VERSION}"
-    if final.is_dir():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        write_tiny_checkpoint(tmp, preset, seed)
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # not a lost race: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_directory(root / f"{preset}-s{seed}-v{FORMAT_VERSION}", lambda tmp: write_tiny_checkpoint(tmp, preset, seed))
 
 
 def main(argv: list[str] | None = None) -> None:
