@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from reference import assert_close_to_reference, reference_greedy, reference_logits
 from qwen3vl_moe.checkpoints.convert import (
     bf16_bits_to_float32,
     bfloat16_checkpoint,
@@ -90,11 +91,6 @@ def engine_and_log(checkpoint):
     return engine, records
 
 
-def reference_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-
-
 @pytest.mark.slow
 def test_no_flag_resolves_float32_and_says_so(engine_and_log):
     engine, records = engine_and_log
@@ -108,17 +104,11 @@ def test_prefill_logits_match_transformers_float32(engine_and_log, reference):
     engine, _ = engine_and_log
     prompts = [out.prompt_token_ids for out in engine.generate(CONVERSATIONS, max_new_tokens=1)]
     for ids, got in zip(prompts, engine.prefill_logits(CONVERSATIONS), strict=True):
-        ref = reference_logits(reference, ids)
-        tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
-        err = float(np.abs(got - ref).max())
-        assert err <= tol, f"prefill logits differ by {err:.3g} (> {tol:.3g}) over {len(ids)} tokens"
+        assert_close_to_reference(got, reference_logits(reference, ids), f"prefill over {len(ids)} tokens")
 
 
 @pytest.mark.slow
 def test_greedy_matches_transformers_float32(engine_and_log, reference):
     engine, _ = engine_and_log
     [out] = engine.generate([CONVERSATIONS[1]], max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    seq = list(out.prompt_token_ids)
-    for _ in range(NEW_TOKENS):
-        seq.append(int(reference_logits(reference, seq)[-1].argmax()))
-    assert out.token_ids == seq[len(out.prompt_token_ids):]
+    assert out.token_ids == reference_greedy(reference, out.prompt_token_ids, NEW_TOKENS)

@@ -24,6 +24,7 @@ from max.graph.weights import load_weights
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
+from reference import assert_close_to_reference, reference_greedy, reference_logits
 from qwen3vl_moe.checkpoints.fp8 import (
     _TABLE,
     dequantize_blockwise,
@@ -250,26 +251,15 @@ def engine(checkpoint):
     return Qwen3VL(checkpoint, devices="cpu", max_length=512, max_batch_size=4, echo=True)
 
 
-def reference_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-
-
 @pytest.mark.slow
 def test_fp8_prefill_logits_match_dequantized_reference(engine, reference):
     assert engine.pipeline_config.model.quantization_encoding == "float32"
     prompts = [out.prompt_token_ids for out in engine.generate(CONVERSATIONS, max_new_tokens=1)]
     for ids, got in zip(prompts, engine.prefill_logits(CONVERSATIONS), strict=True):
-        ref = reference_logits(reference, ids)
-        tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
-        err = float(np.abs(got - ref).max())
-        assert err <= tol, f"prefill logits differ by {err:.3g} (> {tol:.3g}) over {len(ids)} tokens"
+        assert_close_to_reference(got, reference_logits(reference, ids), f"prefill over {len(ids)} tokens")
 
 
 @pytest.mark.slow
 def test_fp8_greedy_matches_dequantized_reference(engine, reference):
     [out] = engine.generate([CONVERSATIONS[1]], max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    seq = list(out.prompt_token_ids)
-    for _ in range(NEW_TOKENS):
-        seq.append(int(reference_logits(reference, seq)[-1].argmax()))
-    assert out.token_ids == seq[len(out.prompt_token_ids):]
+    assert out.token_ids == reference_greedy(reference, out.prompt_token_ids, NEW_TOKENS)

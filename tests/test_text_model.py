@@ -6,10 +6,10 @@ cold on a 2-core machine.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
+from reference import assert_close_to_reference, reference_greedy, reference_logits
 from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # every test here runs compiled graphs
@@ -51,20 +51,6 @@ def engine(load_engine, checkpoint):
     return load_engine(checkpoint)
 
 
-def reference_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]))
-    return out.logits[0].float().numpy()
-
-
-def reference_greedy(model, ids: list[int], steps: int) -> list[int]:
-    """Greedy decoding by full recomputation: no cache, no generate() policies."""
-    seq = list(ids)
-    for _ in range(steps):
-        seq.append(int(reference_logits(model, seq)[-1].argmax()))
-    return seq[len(ids):]
-
-
 def test_prompt_tokens_match_transformers_chat_template(engine, checkpoint):
     from transformers import AutoTokenizer
 
@@ -80,11 +66,7 @@ def test_prefill_logits_match_transformers(engine, reference):
     prompts = [out.prompt_token_ids for out in engine.generate(CONVERSATIONS, max_new_tokens=1)]
     ours = engine.prefill_logits(CONVERSATIONS)
     for ids, got in zip(prompts, ours, strict=True):
-        ref = reference_logits(reference, ids)
-        assert got.shape == ref.shape
-        tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
-        err = float(np.abs(got - ref).max())
-        assert err <= tol, f"prefill logits differ by {err:.3g} (> {tol:.3g}) over {len(ids)} tokens"
+        assert_close_to_reference(got, reference_logits(reference, ids), f"prefill over {len(ids)} tokens")
 
 
 def test_greedy_continuation_matches_transformers(engine, reference):
@@ -96,9 +78,7 @@ def test_greedy_continuation_matches_transformers(engine, reference):
     ref = reference_logits(reference, seq)
     n = len(out.prompt_token_ids)
     for step, got in enumerate(out.logits):
-        want = ref[n - 1 + step]
-        tol = 1e-4 * max(1.0, float(np.abs(want).max()))
-        assert float(np.abs(got.reshape(-1) - want).max()) <= tol, f"decode step {step}"
+        assert_close_to_reference(got.reshape(-1), ref[n - 1 + step], f"decode step {step}")
 
 
 def test_batched_equals_one_at_a_time(engine):
