@@ -24,7 +24,14 @@ from max.driver import Buffer
 from max.dtype import DType
 from max.graph.weights import WeightData, Weights
 
-from .checkpoints.layout import ExpertLayout, as_config_dict, checkpoint_layout, is_moe_layer, text_dims
+from .checkpoints.layout import (
+    ExpertLayout,
+    as_config_dict,
+    checkpoint_layout,
+    is_moe_layer,
+    text_dims,
+)
+from .checkpoints.validate import CheckpointError
 
 # A child of MAX's pipeline logger, so `max serve` prints it with its own lines.
 logger = logging.getLogger("max.pipelines.qwen3vl_moe")
@@ -34,10 +41,6 @@ _PREFIXES = (
     ("lm_head.", "language_model.lm_head."),
     ("model.visual.", "vision_encoder."),
 )
-
-
-class CheckpointError(ValueError):
-    """The checkpoint does not match the model its config describes."""
 
 
 def graph_name(checkpoint_name: str) -> str:
