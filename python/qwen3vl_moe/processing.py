@@ -80,13 +80,18 @@ class ImageProcessor:
         path = cached_file(str(model_path), "preprocessor_config.json")
         return cls.from_config(json.loads(Path(path).read_text()) if path else {})
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) an image of this size is resized to: multiples of
+        patch*merge within the pixel budget (what fixes its token count)."""
+        factor = self.patch_size * self.merge_size
+        return smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
     def preprocess_one(self, image: Image.Image) -> tuple[npt.NDArray[np.float32], tuple[int, int, int]]:
         """One image -> (pixel rows [gh*gw, C*Tp*P*P] float32, (1, gh, gw))."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         width, height = image.size
-        factor = self.patch_size * self.merge_size
-        h, w = smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        h, w = self.resized_size(width, height)
         if (h, w) != (height, width):
             image = image.resize((w, h), resample=self.resample)
         pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # [C, H, W]

@@ -109,12 +109,9 @@ def check_token_ids(ids: Iterable[Any], vocab_size: int, field: str = "prompt") 
 
 
 def image_tokens(processor: Any, width: int, height: int) -> int:
-    """The placeholder tokens an image of this size expands to, computed as the
-    processor (patch_size, merge_size, min_pixels, max_pixels) resizes it."""
-    from .max_compat import smart_resize
-
+    """The placeholder tokens an image of this size expands to, as the processor resizes it."""
     factor = processor.patch_size * processor.merge_size
-    h, w = smart_resize(height, width, factor=factor, min_pixels=processor.min_pixels, max_pixels=processor.max_pixels)
+    h, w = processor.resized_size(width, height)
     return (h // factor) * (w // factor)
 
 
