@@ -20,7 +20,7 @@ from max.pipelines.kv_cache.memory_planner import PagedMemoryPlanner
 
 from .model_config import ModelArgs, TextModelArgs, VisionModelArgs
 
-__all__ = ["Qwen3VLMemoryPlanner", "StepShape", "estimate_activation_bytes"]
+__all__ = ["Qwen3VLMemoryPlanner", "StepShape", "estimate_activation_bytes", "estimate_activation_memory", "largest_step"]
 
 FLOAT32 = 4
 
@@ -94,8 +94,13 @@ def largest_step(pipeline_config: Any) -> StepShape:
     return StepShape(tokens=tokens, logit_rows=logit_rows, dtype_bytes=dtype_bytes)
 
 
+def estimate_activation_memory(pipeline_config: Any, huggingface_config: Any) -> int:
+    """Activation bytes of the largest step ``pipeline_config`` admits for this checkpoint."""
+    return estimate_activation_bytes(ModelArgs.from_config(huggingface_config), largest_step(pipeline_config))
+
+
 class Qwen3VLMemoryPlanner(PagedMemoryPlanner):
     """MAX's paged-KV planner with activations estimated from the config (MAX's public planner hook)."""
 
     def estimate_activation_memory(self, pipeline_config: Any, huggingface_config: Any) -> int:
-        return estimate_activation_bytes(ModelArgs.from_config(huggingface_config), largest_step(pipeline_config))
+        return estimate_activation_memory(pipeline_config, huggingface_config)

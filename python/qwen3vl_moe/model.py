@@ -30,7 +30,7 @@ from .max_compat import (
     Qwen3VLMoeBatchProcessor,
     fail_batch_on_execute_error,
 )
-from .memory import estimate_activation_bytes, largest_step
+from .memory import estimate_activation_memory
 from .model_config import ModelArgs, Qwen3VLConfig
 from .nn.text_decoder import Qwen3VLTextDecoder
 from .nn.vision import Qwen3VLVisionEncoder
@@ -76,7 +76,7 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
     @classmethod
     def estimate_activation_memory(cls, pipeline_config: Any, huggingface_config: Any) -> int:
         """Activation bytes of the largest step the pipeline admits (what the memory planner reserves)."""
-        return estimate_activation_bytes(ModelArgs.from_config(huggingface_config), largest_step(pipeline_config))
+        return estimate_activation_memory(pipeline_config, huggingface_config)
 
     @classmethod
     def calculate_max_seq_len(cls, pipeline_config: Any, huggingface_config: Any) -> int:
