@@ -34,7 +34,7 @@ from .memory import estimate_activation_memory
 from .model_config import ModelArgs, Qwen3VLConfig
 from .nn.text_decoder import Qwen3VLTextDecoder
 from .nn.vision import Qwen3VLVisionEncoder
-from .weight_adapters import checkpoint_expert_layout, convert_qwen3vl_model_state_dict
+from .weight_adapters import checkpoint_expert_layout, convert_qwen3vl_model_state_dict, text_matrix_dtype
 
 __all__ = ["Qwen3VLInputs", "Qwen3VLModel"]
 
@@ -127,6 +127,8 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
             dict(self.weights.items()),
             huggingface_config=self.huggingface_config,
             dtype=self.dtype,
+            # the CPU kernels read bfloat16 text matrices as they are (float32 compute)
+            keep_bfloat16_matrices=all(device.is_host for device in self.devices),
         )
         self._vision_weights_dict = {k: v for k, v in state_dict.items() if k.startswith("vision_encoder.")}
         self._language_weights_dict = {k: v for k, v in state_dict.items() if k.startswith("language_model.")}
@@ -146,8 +148,10 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
         )
         self.model_config = config
         hf = self.huggingface_config
+        weights_dtype = text_matrix_dtype(self._language_weights_dict, config.dtype)
         self.model_args = ModelArgs.from_config(
-            hf, expert_layout=checkpoint_expert_layout(self._language_weights_dict, hf)
+            hf, expert_layout=checkpoint_expert_layout(self._language_weights_dict, hf),
+            text_weight_dtype=weights_dtype if weights_dtype != config.dtype else None,
         )
         self.model = Qwen3VLGraphs(
             Qwen3VLVisionEncoder(self.model_args.vision, config.dtype, config.devices[0]),

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from max.dtype import DType
+
 from .max_compat import BuiltinQwen3VLConfig, BuiltinVisionConfig
 from .checkpoints.layout import ExpertLayout, as_config_dict, is_moe_layer, text_dims, vision_dims
 from .checkpoints.validate import validate_checkpoint
@@ -90,14 +92,21 @@ class ModelArgs:
     transformers config, which normalises ``rope_scaling`` / ``rope_parameters``.
     ``expert_layout`` is the checkpoint's fused-expert layout, read off its
     tensors (None: a dense model, or dims wanted before the weights are read).
+    ``text_weight_dtype`` is the storage dtype of the text decoder's matrices
+    when it differs from the compute dtype (bfloat16 weights, float32 compute
+    on CPU); None: the compute dtype.
     """
 
     text: TextModelArgs
     vision: VisionModelArgs
     expert_layout: ExpertLayout | None = None
+    text_weight_dtype: DType | None = None
 
     @classmethod
-    def from_config(cls, huggingface_config: Any, expert_layout: ExpertLayout | None = None) -> ModelArgs:
+    def from_config(
+        cls, huggingface_config: Any, expert_layout: ExpertLayout | None = None,
+        text_weight_dtype: DType | None = None,
+    ) -> ModelArgs:
         config = as_config_dict(huggingface_config)
         tc, vc = huggingface_config.text_config, config.get("vision_config") or {}
         t, v = text_dims(config), vision_dims(config)
@@ -135,4 +144,4 @@ class ModelArgs:
             num_position_embeddings=v["positions"].size,
             deepstack_visual_indexes=tuple(v["deepstack"]),
         )
-        return cls(text=text, vision=vision, expert_layout=expert_layout)
+        return cls(text=text, vision=vision, expert_layout=expert_layout, text_weight_dtype=text_weight_dtype)

@@ -185,13 +185,18 @@ def convert_qwen3vl_model_state_dict(
     state_dict: Mapping[str, Weights],
     huggingface_config: Any,
     dtype: DType | None = None,
+    keep_bfloat16_matrices: bool = False,
     **unused_kwargs: Any,
 ) -> dict[str, WeightData]:
     """Renames, checks and (optionally) casts a Qwen3-VL checkpoint.
 
     Every tensor the config implies must be present with its exact shape, and
     nothing else may be; errors name the tensor, the expected and the actual
-    shape. Floating-point tensors are cast to ``dtype`` when given.
+    shape. Floating-point tensors are cast to ``dtype`` when given, except,
+    with ``keep_bfloat16_matrices`` (CPU float32 models), the text decoder's
+    matrices when all of them are bfloat16: the CPU kernels read those as they
+    are and compute in float32, so a decode step reads half the bytes and the
+    results equal the upcast model's up to float32 summation order.
 
     Returns:
         Graph-named weights (``language_model.*`` and ``vision_encoder.*``).
@@ -212,15 +217,22 @@ def convert_qwen3vl_model_state_dict(
         data = weight.data()
         if data.dtype == DType.float8_e4m3fn:
             data = fp8.dequantize(checkpoint_name, data)
-        if dtype is not None and data.dtype.is_float() and data.dtype != dtype:
-            casts[data.dtype.name] += 1
-            data = data.astype(dtype)
         weights[name] = data
+    kept = _bfloat16_text_matrices(weights) if keep_bfloat16_matrices and dtype == DType.float32 else set()
+    for name, data in weights.items():
+        if dtype is not None and data.dtype.is_float() and data.dtype != dtype and name not in kept:
+            casts[data.dtype.name] += 1
+            weights[name] = data.astype(dtype)
     if fp8.dequantized:
         logger.info(
             "Qwen3-VL weights: %d float8_e4m3fn tensors dequantized at load with their %s-block "
             "weight_scale_inv (this device runs no FP8 matmul here)",
             fp8.dequantized, "x".join(map(str, fp8.block)),
+        )
+    if kept:
+        logger.info(
+            "Qwen3-VL weights: %d bfloat16 text-decoder matrices kept in bfloat16 (read as they are by "
+            "the CPU kernels, float32 compute)", len(kept),
         )
     if casts:
         logger.info(
@@ -262,6 +274,20 @@ def convert_qwen3vl_model_state_dict(
     patch = "vision_encoder.patch_embed.proj.weight"
     weights[patch] = _conv_as_linear(weights[patch])
     return weights
+
+
+def _bfloat16_text_matrices(weights: Mapping[str, WeightData]) -> set[str]:
+    """The text decoder's matrices (rank >= 2: projections, experts, embedding,
+    lm_head) if every one of them is bfloat16, else none (one storage dtype for all)."""
+    matrices = {n for n, w in weights.items() if n.startswith("language_model.") and len(w.shape) >= 2}
+    return matrices if matrices and all(weights[n].dtype == DType.bfloat16 for n in matrices) else set()
+
+
+def text_matrix_dtype(weights: Mapping[str, WeightData], dtype: DType) -> DType:
+    """The storage dtype of the text decoder's matrices in converted ``weights``
+    (``dtype`` unless the adapter kept them in bfloat16)."""
+    embedding = weights.get("language_model.embed_tokens.weight")
+    return embedding.dtype if embedding is not None else dtype
 
 
 def _conv_as_linear(conv: WeightData) -> WeightData:
