@@ -1,9 +1,11 @@
 """bfloat16 checkpoints (as the releases store them) on CPU with no encoding flag.
 
-The engine resolves float32 on CPU by itself and upcasts the bfloat16 weights
-at load; the reference is transformers loaded in float32 from the same
-bfloat16 files, so both compute in float32 on identical values and the
-float32 tolerance of tests/test_text_model.py applies unchanged.
+The engine resolves float32 on CPU by itself: the text decoder's matrices stay
+bfloat16 (the CPU kernels read them as they are and compute in float32), the
+rest is upcast at load. The reference is transformers loaded in float32 from
+the same bfloat16 files: both compute in float32 on identical values (bf16 ->
+f32 is exact), so the float32 tolerance of tests/test_text_model.py applies
+unchanged and 32 greedy tokens must be identical.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from max.dtype import DType
 
 from reference import assert_close_to_reference, reference_greedy, reference_logits
 from qwen3vl_moe.checkpoints.convert import (
@@ -97,6 +100,21 @@ def test_no_flag_resolves_float32_and_says_so(engine_and_log):
     assert engine.pipeline_config.model.quantization_encoding == "float32"
     upcasts = [r for r in records if "bfloat16" in r and "float32" in r]
     assert len(upcasts) == 1, records
+    assert "text-decoder matrices stay bfloat16" in upcasts[0], upcasts
+
+
+@pytest.mark.slow
+def test_text_matrices_stay_bfloat16(engine_and_log):
+    """The decoder's matrices are bfloat16 graph weights (read as they are), the rest float32."""
+    from qwen3vl_moe.max_compat import pipeline_model_of
+
+    engine, _ = engine_and_log
+    model = pipeline_model_of(engine.pipeline)
+    assert model.model_args.text_weight_dtype == DType.bfloat16
+    weights = model._language_weights_dict
+    matrices = {n: w.dtype for n, w in weights.items() if len(w.shape) >= 2}
+    assert matrices and set(matrices.values()) == {DType.bfloat16}, matrices
+    assert {w.dtype for n, w in weights.items() if len(w.shape) < 2} == {DType.float32}
 
 
 @pytest.mark.slow

@@ -2,12 +2,14 @@
 
 One module-scoped CPU graph with symbolic T, H, E, I holds every variant under test
 (top_k in TOP_KS x {hub, transformers} weight layout x {float32, bfloat16 cast inside
-the graph}) plus the routing outputs, so all hypothesis examples reuse one compiled
+the graph, bfloat16 weights under float32 activations (CPU)}) plus the routing outputs, so all hypothesis examples reuse one compiled
 model. References:
   * float32: numpy/torch re-implementation of transformers 5.12.1's grouped_mm experts
     path (softmax f32, top-k, renormalise f32, per-expert GEMMs, weight multiply,
     float32 sum over k) -> max|y - ref| <= 1e-5 * max|ref|;
   * bfloat16: the same computation in torch bf16 on bf16-rounded inputs -> <= 2e-2;
+  * bfloat16 weights, float32 x: the float32 reference on bf16-rounded weights -> <= 1e-5
+    (the conversion is exact, so only the summation order differs);
   * once: transformers' own Qwen3VLMoeTextSparseMoeBlock (grouped_mm and eager).
 The GPU paths are compiled (not run) for a virtual cuda/sm_90 device (see
 kernel_harness).
@@ -40,7 +42,7 @@ F32, BF16 = DType.float32, DType.bfloat16
 TOP_KS = (1, 3, 8)          # compile-time parameter of qwen3vl_moe_route: one instantiation each
 MIN_E = max(TOP_KS)
 LAYOUTS = (True, False)     # weights_hub_layout
-N_OUT_PER_K = 4 + 2 * len(LAYOUTS)   # ids, weights, perm, offsets, then y f32 / y bf16 per layout
+N_OUT_PER_K = 4 + 3 * len(LAYOUTS)   # ids, weights, perm, offsets, then y f32 / bf16 / mixed per layout
 
 
 def build_moe_graph(dev: DeviceRef, pkg: Path, top_ks=TOP_KS) -> Graph:
@@ -69,6 +71,8 @@ def build_moe_graph(dev: DeviceRef, pkg: Path, top_ks=TOP_KS) -> Graph:
                 gub, dnb = weights_bf16[hub]
                 yb = moe_experts(xb, lb, gub, dnb, top_k=k, weights_hub_layout=hub)
                 outs.append(ops.cast(yb, F32))
+                if dev.is_cpu():  # bfloat16 weights under float32 x: a CPU path only
+                    outs.append(moe_experts(x, logits, gub, dnb, top_k=k, weights_hub_layout=hub))
         g.output(*outs)
     return g
 
@@ -102,8 +106,9 @@ def run_model(model, x, logits, gu_hub, dn_hub):
         o = [t.to_numpy() for t in outs[i * N_OUT_PER_K:(i + 1) * N_OUT_PER_K]]
         res[k] = {"ids": o[0], "weights": o[1], "perm": o[2], "offsets": o[3]}
         for j, hub in enumerate(LAYOUTS):
-            res[k][("y", hub, "f32")] = o[4 + 2 * j]
-            res[k][("y", hub, "bf16")] = o[5 + 2 * j]
+            res[k][("y", hub, "f32")] = o[4 + 3 * j]
+            res[k][("y", hub, "bf16")] = o[5 + 3 * j]
+            res[k][("y", hub, "mixed")] = o[6 + 3 * j]
     return res
 
 
@@ -172,6 +177,10 @@ def check_routing(r, logits, top_k):
     np.testing.assert_array_equal(perm, np.argsort(ids, kind="stable"))
 
 
+def bf16_rounded(a):
+    return torch.from_numpy(a).to(torch.bfloat16).float().numpy()
+
+
 def check_case(model, x, logits, gu, dn):
     res = run_model(model, x, logits, gu, dn)
     for k in TOP_KS:
@@ -179,12 +188,15 @@ def check_case(model, x, logits, gu, dn):
         check_routing(r, logits, k)
         y32 = ref_moe(x, logits, gu, dn, k)
         y16 = ref_moe(x, logits, gu, dn, k, torch.bfloat16)
+        ymixed = ref_moe(x, logits, bf16_rounded(gu), bf16_rounded(dn), k)
         for hub in LAYOUTS:
             assert r[("y", hub, "f32")].shape == x.shape
             e32 = rel_err(r[("y", hub, "f32")], y32)
             e16 = rel_err(r[("y", hub, "bf16")], y16)
+            emixed = rel_err(r[("y", hub, "mixed")], ymixed)
             assert e32 <= 1e-5, f"f32 top_k={k} hub={hub}: rel err {e32:.2e}"
             assert e16 <= 2e-2, f"bf16 top_k={k} hub={hub}: rel err {e16:.2e}"
+            assert emixed <= 1e-5, f"bf16 weights, f32 x, top_k={k} hub={hub}: rel err {emixed:.2e}"
     return res
 
 

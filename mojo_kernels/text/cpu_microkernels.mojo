@@ -8,7 +8,9 @@
 #   vectors and broadcasts one activation per row.
 # * "dot" (transformers layout, W is [N, K], out = W @ a): MR rows x NC weight rows;
 #   each accumulator is a SIMD vector along K, reduced at the end.
-# Both accumulate in float32, whatever the storage dtype (float32 or bfloat16).
+# Both accumulate in float32, whatever the storage dtypes: activations `dtype` and weights
+# `wdtype` (float32 or bfloat16 each; bfloat16 weights with float32 activations halve
+# the bytes a decode step reads and compute exactly what upcast weights would).
 from std.math import ceildiv
 from std.sys import simd_width_of, size_of
 from std.sys.intrinsics import prefetch
@@ -27,10 +29,10 @@ comptime PF_DIST = 16             # outer kernels: prefetch weight rows this man
 
 @always_inline
 def outer_tile[
-    dtype: DType, MR: Int, NB: Int, NV: Int, VW: Int, PF: Bool = False
+    dtype: DType, wdtype: DType, MR: Int, NB: Int, NV: Int, VW: Int, PF: Bool = False
 ](
     a: Array[Pointer[Scalar[dtype], MutAnyOrigin], MR],
-    b: Array[Pointer[Scalar[dtype], MutAnyOrigin], NB],
+    b: Array[Pointer[Scalar[wdtype], MutAnyOrigin], NB],
     ldb: Int,
     K: Int,
 ) -> Array[SIMD[F32, VW], MR * NB * NV]:
@@ -41,7 +43,7 @@ def outer_tile[
     hardware prefetchers do not help; the first row tile of a panel streams it from DRAM.
     """
     comptime NBV = NB * NV
-    comptime LINE = 64 // size_of[dtype]()
+    comptime LINE = 64 // size_of[wdtype]()
     var acc = Array[SIMD[F32, VW], MR * NBV](fill=0)
     for k in range(K):
         comptime if PF:
@@ -67,16 +69,16 @@ def dpbf16(acc: SIMD[F32, 16], a: SIMD[BF16, 32], b: SIMD[BF16, 32]) -> SIMD[F32
 
 @always_inline
 def dot_tile[
-    dtype: DType, MR: Int, NC: Int
+    dtype: DType, wdtype: DType, MR: Int, NC: Int
 ](
     a: Array[Pointer[Scalar[dtype], MutAnyOrigin], MR],
-    b: Array[Pointer[Scalar[dtype], MutAnyOrigin], NC],
+    b: Array[Pointer[Scalar[wdtype], MutAnyOrigin], NC],
     K: Int,
 ) -> Array[Float32, MR * NC]:
     """Dot-product tile: out[r, c] = sum_k a[r][k] * b[c][k]  (float32 accumulation)."""
     var acc = Array[SIMD[F32, VEC], MR * NC](fill=0)
     var k = 0
-    comptime if dtype == BF16 and USE_DPBF16:
+    comptime if dtype == BF16 and wdtype == BF16 and USE_DPBF16:
         while k + 2 * VEC <= K:
             var bw = Array[SIMD[BF16, 32], NC](fill=0)
             comptime for c in range(NC):

@@ -5,6 +5,9 @@
 # GEMMs are the slots sorted by expert: sorted row p holds slot perm[p], whose
 # token is perm[p] // top_k; expert e owns sorted rows offsets[e] ..< offsets[e+1].
 #
+# Activations are `dtype`, expert weights `wdtype` (bfloat16 weights may serve float32
+# activations: see cpu_microkernels.mojo).
+#
 # The weight layout (a compile-time parameter) picks the micro-kernel
 # (cpu_microkernels.mojo): "outer" for the hub layout, "dot" for transformers'.
 # gate_up and down share one driver per layout (hub_gemm_cpu, dot_gemm_cpu),
@@ -130,22 +133,22 @@ def _act_row[
 # ----------------------------------------------------------------------------- hub layout: W[e] is [K, NB*N], out = a @ W[e]
 @always_inline
 def _hub_cols[
-    dtype: DType, gated: Bool, NV: Int, VW: Int
+    dtype: DType, wdtype: DType, gated: Bool, NV: Int, VW: Int
 ](
     out_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     a: Pointer[Scalar[dtype], MutAnyOrigin],
-    w_e: Pointer[Scalar[dtype], MutAnyOrigin],
+    w_e: Pointer[Scalar[wdtype], MutAnyOrigin],
     perm: Pointer[Int32, MutAnyOrigin],
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
-    scratch: Pointer[Scalar[dtype], MutAnyOrigin],
+    scratch: Pointer[Scalar[wdtype], MutAnyOrigin],
     r0: Int, r1: Int, n: Int, top_k: Int, K: Int, N: Int,
 ):
     """Columns n ..< n+NV*VW of sorted rows r0 ..< r1 of one expert, through the epilogue.
     scratch: panel_pairs_size(K, NB*NV*VW) elements (the packed bf16 or dense panel)."""
     comptime NB = 2 if gated else 1
     comptime MR = GU_MR if gated else DN_MR
-    comptime PACKED = dtype == BF16 and USE_DPBF16 and VW == 16
-    var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], NB](fill=w_e.unsafe_offset(n))
+    comptime PACKED = dtype == BF16 and wdtype == BF16 and USE_DPBF16 and VW == 16
+    var b = Array[Pointer[Scalar[wdtype], MutAnyOrigin], NB](fill=w_e.unsafe_offset(n))
     comptime if gated:
         b[1] = w_e.unsafe_offset(N + n)
     var pk = rebind[Pointer[Scalar[BF16], MutAnyOrigin]](scratch)
@@ -153,12 +156,12 @@ def _hub_cols[
         pack_pairs[NB, NV](pk, rebind[Array[Pointer[Scalar[BF16], MutAnyOrigin], NB]](b), NB * N, K)
     # several row tiles: copy the panel (all NB groups) to a dense scratch panel first
     var dense_panel = r1 - r0 > MR
-    var bd = Array[Pointer[Scalar[dtype], MutAnyOrigin], NB](fill=scratch)
+    var bd = Array[Pointer[Scalar[wdtype], MutAnyOrigin], NB](fill=scratch)
     comptime if gated:
         bd[1] = scratch.unsafe_offset(NV * VW)
     comptime if not PACKED:
         if dense_panel:
-            pack_panel[dtype, NB, NV, VW](scratch, b, NB * N, K)
+            pack_panel[wdtype, NB, NV, VW](scratch, b, NB * N, K)
     var r = r0
     while r < r1:
         var rows = min(MR, r1 - r)
@@ -173,9 +176,9 @@ def _hub_cols[
             acc = rebind[Array[SIMD[F32, VW], MR * NB * NV]](accd).copy()
         else:
             if dense_panel:
-                acc = outer_tile[dtype, MR, NB, NV, VW](ar, bd, NB * NV * VW, K)
+                acc = outer_tile[dtype, wdtype, MR, NB, NV, VW](ar, bd, NB * NV * VW, K)
             else:           # one row tile: stream the weight panel from memory
-                acc = outer_tile[dtype, MR, NB, NV, VW, True](ar, b, NB * N, K)
+                acc = outer_tile[dtype, wdtype, MR, NB, NV, VW, True](ar, b, NB * N, K)
         comptime for i in range(MR):
             if i < rows:
                 var dst = RowOut[dtype, gated](perm, rw, r + i, N)
@@ -207,11 +210,11 @@ def _finish_cols[
 
 
 def hub_gemm_cpu[
-    dtype: DType, gated: Bool
+    dtype: DType, wdtype: DType, gated: Bool
 ](
     out_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     a: Pointer[Scalar[dtype], MutAnyOrigin],
-    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
     perm: Pointer[Int32, MutAnyOrigin],
     offsets: Pointer[Int32, MutAnyOrigin],
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -240,7 +243,7 @@ def hub_gemm_cpu[
     var n_tasks = n_stream_tasks + n_chunks * n_tiles
     # One packing panel per worker (a worker's index can reach num_workers(n_tasks) - 1);
     # none when every expert streams (decode), where zero-filling it would cost ~1 MB a call.
-    var scratch = List[Scalar[dtype]](length=num_workers(n_tasks) * panel if n_chunks > 0 else 0, fill=0)
+    var scratch = List[Scalar[wdtype]](length=num_workers(n_tasks) * panel if n_chunks > 0 else 0, fill=0)
     var sp = scratch.unsafe_ptr().as_unsafe_any_origin()
 
     def task(t: Int, wk: Int) {var out_ptr, var a, var w, var perm, var rw, var offsets, var cp, var n_tiles, var top_k, var K, var N, var sp, var panel, var ep, var bp, var nkb, var kb_rows, var RS, var pp, var n_stream_tasks}:
@@ -254,7 +257,7 @@ def hub_gemm_cpu[
             for i in range(n_rows):
                 rows[i] = _act_row[dtype, gated](a, perm, r0 + i, top_k, K)
             var k0 = kb * kb_rows
-            stream_task[dtype](
+            stream_task[dtype, wdtype](
                 pp.unsafe_offset((kb * RS + b) * NB * N), rows, n_rows,
                 w.unsafe_offset(e * K * NB * N), NB * N, k0, min(k0 + kb_rows, K), NB * N,
             )
@@ -268,13 +271,13 @@ def hub_gemm_cpu[
         var r1 = cp[unsafe_offset=3 * c + 2]
         var w_e = w.unsafe_offset(e * K * NB * N)
         if n + NBW <= N:
-            _hub_cols[dtype, gated, NBW // VEC, VEC](out_ptr, a, w_e, perm, rw, scr, r0, r1, n, top_k, K, N)
+            _hub_cols[dtype, wdtype, gated, NBW // VEC, VEC](out_ptr, a, w_e, perm, rw, scr, r0, r1, n, top_k, K, N)
             return
         while n + VEC <= N:
-            _hub_cols[dtype, gated, 1, VEC](out_ptr, a, w_e, perm, rw, scr, r0, r1, n, top_k, K, N)
+            _hub_cols[dtype, wdtype, gated, 1, VEC](out_ptr, a, w_e, perm, rw, scr, r0, r1, n, top_k, K, N)
             n += VEC
         while n < N:
-            _hub_cols[dtype, gated, 1, 1](out_ptr, a, w_e, perm, rw, scr, r0, r1, n, top_k, K, N)
+            _hub_cols[dtype, wdtype, gated, 1, 1](out_ptr, a, w_e, perm, rw, scr, r0, r1, n, top_k, K, N)
             n += 1
 
     run_dynamic(task, n_tasks)
@@ -304,10 +307,10 @@ def hub_gemm_cpu[
 # ----------------------------------------------------------------------------- transformers layout: W[e] is [NB*N, K], out = W[e] @ a
 @always_inline
 def _dot_cols[
-    dtype: DType, gated: Bool, NC: Int
+    dtype: DType, wdtype: DType, gated: Bool, NC: Int
 ](
     out_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
-    w_e: Pointer[Scalar[dtype], MutAnyOrigin],
+    w_e: Pointer[Scalar[wdtype], MutAnyOrigin],
     a: Array[Pointer[Scalar[dtype], MutAnyOrigin], DOT_MR],
     starts: Array[Int, DOT_MR],
     wts: Array[Float32, DOT_MR],
@@ -315,11 +318,11 @@ def _dot_cols[
 ):
     """Tile: columns n ..< n+NC of rows i < rows (RowOut start and weight given), through the epilogue."""
     comptime NB = 2 if gated else 1
-    var b = Array[Pointer[Scalar[dtype], MutAnyOrigin], NB * NC](fill=w_e)
+    var b = Array[Pointer[Scalar[wdtype], MutAnyOrigin], NB * NC](fill=w_e)
     comptime for g in range(NB):
         comptime for c in range(NC):
             b[g * NC + c] = w_e.unsafe_offset((g * N + n + c) * K)
-    var acc = dot_tile[dtype, DOT_MR, NB * NC](a, b, K)
+    var acc = dot_tile[dtype, wdtype, DOT_MR, NB * NC](a, b, K)
     comptime for i in range(DOT_MR):
         if i < rows:
             comptime for c in range(NC):
@@ -331,11 +334,11 @@ def _dot_cols[
 
 @always_inline
 def _dot_block[
-    dtype: DType, gated: Bool
+    dtype: DType, wdtype: DType, gated: Bool
 ](
     out_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     a_base: Pointer[Scalar[dtype], MutAnyOrigin],
-    w_e: Pointer[Scalar[dtype], MutAnyOrigin],
+    w_e: Pointer[Scalar[wdtype], MutAnyOrigin],
     perm: Pointer[Int32, MutAnyOrigin],
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
     r0: Int, r1: Int, n0: Int, n1: Int, top_k: Int, K: Int, N: Int,
@@ -359,20 +362,20 @@ def _dot_block[
                 wts[i] = dst.wt
         var n = n0
         while n + NC <= n1:
-            _dot_cols[dtype, gated, NC](out_ptr, w_e, a, starts, wts, rows, n, K, N)
+            _dot_cols[dtype, wdtype, gated, NC](out_ptr, w_e, a, starts, wts, rows, n, K, N)
             n += NC
         while n < n1:
-            _dot_cols[dtype, gated, 1](out_ptr, w_e, a, starts, wts, rows, n, K, N)
+            _dot_cols[dtype, wdtype, gated, 1](out_ptr, w_e, a, starts, wts, rows, n, K, N)
             n += 1
         r += MR
 
 
 def dot_gemm_cpu[
-    dtype: DType, gated: Bool
+    dtype: DType, wdtype: DType, gated: Bool
 ](
     out_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
     a: Pointer[Scalar[dtype], MutAnyOrigin],
-    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
     perm: Pointer[Int32, MutAnyOrigin],
     offsets: Pointer[Int32, MutAnyOrigin],
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -395,7 +398,7 @@ def dot_gemm_cpu[
         var r0 = cp[unsafe_offset=3 * c + 1]
         var r1 = cp[unsafe_offset=3 * c + 2]
         var w_e = w.unsafe_offset(e * NB * N * K)
-        _dot_block[dtype, gated](out_ptr, a, w_e, perm, rw, r0, r1, n, n_end, top_k, K, N)
+        _dot_block[dtype, wdtype, gated](out_ptr, a, w_e, perm, rw, r0, r1, n, n_end, top_k, K, N)
 
     run_dynamic(task, n_chunks * n_tiles)
     _ = chunks^
@@ -403,11 +406,11 @@ def dot_gemm_cpu[
 
 # ----------------------------------------------------------------------------- the two GEMMs
 def gate_up_cpu[
-    dtype: DType, hub: Bool
+    dtype: DType, wdtype: DType, hub: Bool
 ](
     h: Pointer[Scalar[dtype], MutAnyOrigin],
     x: Pointer[Scalar[dtype], MutAnyOrigin],
-    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
     perm: Pointer[Int32, MutAnyOrigin],
     offsets: Pointer[Int32, MutAnyOrigin],
     E: Int, top_k: Int, H: Int, I: Int,
@@ -416,17 +419,17 @@ def gate_up_cpu[
     if I == 0:
         return
     comptime if hub:
-        hub_gemm_cpu[dtype, True](h, x, w, perm, offsets, x, E, top_k, H, I)
+        hub_gemm_cpu[dtype, wdtype, True](h, x, w, perm, offsets, x, E, top_k, H, I)
     else:
-        dot_gemm_cpu[dtype, True](h, x, w, perm, offsets, x, E, top_k, H, I)
+        dot_gemm_cpu[dtype, wdtype, True](h, x, w, perm, offsets, x, E, top_k, H, I)
 
 
 def down_cpu[
-    dtype: DType, hub: Bool
+    dtype: DType, wdtype: DType, hub: Bool
 ](
     ws: Pointer[Scalar[dtype], MutAnyOrigin],
     hs: Pointer[Scalar[dtype], MutAnyOrigin],
-    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
     perm: Pointer[Int32, MutAnyOrigin],
     offsets: Pointer[Int32, MutAnyOrigin],
     rw: Pointer[Scalar[dtype], MutAnyOrigin],
@@ -436,9 +439,9 @@ def down_cpu[
     if H == 0:
         return
     comptime if hub:
-        hub_gemm_cpu[dtype, False](ws, hs, w, perm, offsets, rw, E, 1, I, H)
+        hub_gemm_cpu[dtype, wdtype, False](ws, hs, w, perm, offsets, rw, E, 1, I, H)
     else:
-        dot_gemm_cpu[dtype, False](ws, hs, w, perm, offsets, rw, E, 1, I, H)
+        dot_gemm_cpu[dtype, wdtype, False](ws, hs, w, perm, offsets, rw, E, 1, I, H)
 
 
 # ----------------------------------------------------------------------------- combine

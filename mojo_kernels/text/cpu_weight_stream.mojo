@@ -47,11 +47,11 @@ struct StreamPlan(Movable):
 
 @always_inline
 def _stream_step[
-    dtype: DType, MR: Int, KU: Int
+    dtype: DType, wdtype: DType, MR: Int, KU: Int
 ](
     part: Pointer[Float32, MutAnyOrigin],
     a: Array[Pointer[Scalar[dtype], MutAnyOrigin], MR],
-    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
     ldw: Int, k: Int, N: Int,
 ):
     """part[r, :N] += sum_{q < KU} a[r][k+q] * W[k+q, :N]  (W rows ldw apart, part rows N apart)."""
@@ -81,11 +81,11 @@ def _stream_step[
 
 @always_inline
 def _stream_rows[
-    dtype: DType, MR: Int
+    dtype: DType, wdtype: DType, MR: Int
 ](
     part: Pointer[Float32, MutAnyOrigin],
     rows: Array[Pointer[Scalar[dtype], MutAnyOrigin], STREAM_MAX_ROWS],
-    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
     ldw: Int, k0: Int, k1: Int, N: Int,
 ):
     """part[r, :N] = sum_{k0 <= k < k1} rows[r][k] * W[k, :N] for r < MR (float32)."""
@@ -99,23 +99,23 @@ def _stream_rows[
         part[unsafe_offset=i] = 0
     var k = k0
     while k + KU <= k1:
-        _stream_step[dtype, MR, KU](part, a, w, ldw, k, N)
+        _stream_step[dtype, wdtype, MR, KU](part, a, w, ldw, k, N)
         k += KU
     while k < k1:
-        _stream_step[dtype, MR, 1](part, a, w, ldw, k, N)
+        _stream_step[dtype, wdtype, MR, 1](part, a, w, ldw, k, N)
         k += 1
 
 
 def stream_task[
-    dtype: DType
+    dtype: DType, wdtype: DType
 ](
     part: Pointer[Float32, MutAnyOrigin],
     rows: Array[Pointer[Scalar[dtype], MutAnyOrigin], STREAM_MAX_ROWS],
     n_rows: Int,
-    w: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
     ldw: Int, k0: Int, k1: Int, N: Int,
 ):
     """One (expert, k-block) task of n_rows (1 ... STREAM_MAX_ROWS) rows."""
     comptime for mr in range(1, STREAM_MAX_ROWS + 1):
         if n_rows == mr:
-            _stream_rows[dtype, mr](part, rows, w, ldw, k0, k1, N)
+            _stream_rows[dtype, wdtype, mr](part, rows, w, ldw, k0, k1, N)

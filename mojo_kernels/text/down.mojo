@@ -24,6 +24,7 @@ struct MoeDown:
         hub_layout=True  -> [E, I, H]  (out = h @ w[e])
         hub_layout=False -> [E, H, I]  (out = w[e] @ h)
     perm [T, top_k] int32, offsets [E+1] int32, rw [T, top_k] routing weights (h's dtype).
+    On CPU w may be bfloat16 under float32 h (float32 accumulation); on GPU it has h's dtype.
     GPU: bf16 on tensor cores (mma.sync m16n8k16), float32 with a tiled FMA kernel.
     """
 
@@ -32,7 +33,7 @@ struct MoeDown:
         y: OutputTensor[rank=2, ...],
         ws: OutputTensor[dtype=y.dtype, rank=3, ...],
         h: InputTensor[dtype=y.dtype, rank=3, ...],
-        w: InputTensor[dtype=y.dtype, rank=3, ...],
+        w: InputTensor[rank=3, ...],
         perm: InputTensor[dtype=DType.int32, rank=2, ...],
         offsets: InputTensor[dtype=DType.int32, rank=1, ...],
         rw: InputTensor[dtype=y.dtype, rank=2, ...],
@@ -72,13 +73,17 @@ struct MoeDown:
                 for i in range(T * H):
                     y.unsafe_ptr()[unsafe_offset=i] = 0
                 return
-            down_cpu[dtype, hub_layout](
+            down_cpu[dtype, w.dtype, hub_layout](
                 ws.unsafe_ptr(), h.unsafe_ptr(), w.unsafe_ptr(), perm.unsafe_ptr(),
                 offsets.unsafe_ptr(), rw.unsafe_ptr(), E, H, I,
             )
             combine_cpu[dtype](y.unsafe_ptr(), ws.unsafe_ptr(), T, top_k, H)
         else:
-            enqueue_down_gpu[dtype, hub_layout](
-                ctx, y.unsafe_ptr(), ws.unsafe_ptr(), h.unsafe_ptr(), w.unsafe_ptr(),
-                perm.unsafe_ptr(), offsets.unsafe_ptr(), rw.unsafe_ptr(), T, top_k, E, H, I,
-            )
+            comptime if w.dtype != dtype:
+                raise Error("qwen3vl_moe_down: on GPU the expert weights must have h's dtype")
+            else:
+                enqueue_down_gpu[dtype, hub_layout](
+                    ctx, y.unsafe_ptr(), ws.unsafe_ptr(), h.unsafe_ptr(),
+                    rebind[Pointer[Scalar[dtype], MutAnyOrigin]](w.unsafe_ptr()),
+                    perm.unsafe_ptr(), offsets.unsafe_ptr(), rw.unsafe_ptr(), T, top_k, E, H, I,
+                )

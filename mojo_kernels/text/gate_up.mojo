@@ -21,7 +21,8 @@ struct MoeGateUp:
     w = gate_up weights: hub_layout=True  -> [E, H, 2I]  (g_u = x @ w[e], gate = first I columns)
                          hub_layout=False -> [E, 2I, H]  (g_u = w[e] @ x, gate = first I rows)
     perm [T, top_k] int32 and offsets [E+1] int32 from `qwen3vl_moe_route`.
-    dtype: float32 or bfloat16 (x, w and h alike). In bfloat16, g, u, silu(g) and the
+    dtype: float32 or bfloat16 (x and h alike); on CPU w may be bfloat16 under float32
+    x (read as it is, float32 accumulation), on GPU it has x's dtype. In bfloat16, g, u, silu(g) and the
     product are rounded to bf16 like torch's ops. GPU: bf16 on tensor cores (mma.sync
     m16n8k16), float32 with a shared-memory tiled FMA kernel.
     """
@@ -30,7 +31,7 @@ struct MoeGateUp:
     def execute[target: StaticString, hub_layout: Bool](
         h: OutputTensor[rank=3, ...],
         x: InputTensor[dtype=h.dtype, rank=2, ...],
-        w: InputTensor[dtype=h.dtype, rank=3, ...],
+        w: InputTensor[rank=3, ...],
         perm: InputTensor[dtype=DType.int32, rank=2, ...],
         offsets: InputTensor[dtype=DType.int32, rank=1, ...],
         ctx: DeviceContext,
@@ -60,12 +61,15 @@ struct MoeGateUp:
             return
 
         comptime if target == "cpu":
-            gate_up_cpu[dtype, hub_layout](
+            gate_up_cpu[dtype, w.dtype, hub_layout](
                 h.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), perm.unsafe_ptr(),
                 offsets.unsafe_ptr(), E, top_k, H, I,
             )
         else:
-            enqueue_gate_up_gpu[dtype, hub_layout](
-                ctx, h.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), perm.unsafe_ptr(),
-                offsets.unsafe_ptr(), T, top_k, E, H, I,
-            )
+            comptime if w.dtype != dtype:
+                raise Error("qwen3vl_moe_gate_up: on GPU the expert weights must have x's dtype")
+            else:
+                enqueue_gate_up_gpu[dtype, hub_layout](
+                    ctx, h.unsafe_ptr(), x.unsafe_ptr(), rebind[Pointer[Scalar[dtype], MutAnyOrigin]](w.unsafe_ptr()),
+                    perm.unsafe_ptr(), offsets.unsafe_ptr(), T, top_k, E, H, I,
+                )

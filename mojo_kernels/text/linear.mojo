@@ -1,14 +1,61 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor
+from layout import TileTensor
+from layout.tile_layout import row_major
 from max.gpu.host import DeviceContext
 from linalg.matmul import matmul
+from std.math import ceildiv
 
 from .contiguity import require_contiguous
 from .cpu_linear import linear_rows_cpu
+from .cpu_scheduler import run_dynamic
 
 # Up to this many rows a linear layer is a weight stream (decode); above it,
 # MAX's packed GEMM (prefill), whose per-call packing of W is then amortised.
 comptime GEMV_MAX_ROWS = 16
+# Weight rows converted to the activation dtype per MAX matmul call when W is stored
+# narrower than x (bfloat16 W, float32 x): bounds the scratch at CONVERT_ROWS x K.
+comptime CONVERT_ROWS = 1024
+
+
+def _matmul_converted[
+    dtype: DType, wdtype: DType
+](
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
+    M: Int, N: Int, K: Int,
+    ctx: DeviceContext,
+) raises:
+    """y = x @ W^T with W converted to dtype CONVERT_ROWS rows at a time (exact for
+    bfloat16 -> float32), each block through MAX's matmul into y's columns."""
+    var rows = min(N, CONVERT_ROWS)
+    var wc = List[Scalar[dtype]](length=rows * K, fill=0)
+    var yc = List[Scalar[dtype]](length=M * rows if rows < N else 0, fill=0)
+    var wp = wc.unsafe_ptr().as_unsafe_any_origin()
+    var yp = yc.unsafe_ptr().as_unsafe_any_origin()
+    comptime CHUNK = 16384   # elements converted per task
+    var xt = TileTensor(x, row_major((M, K)))
+    for n0 in range(0, N, rows):
+        var nb = min(rows, N - n0)
+        var src = w.unsafe_offset(n0 * K)
+        var total = nb * K
+
+        def convert(t: Int, wk: Int) {var wp, var src, var total}:
+            for i in range(t * CHUNK, min(t * CHUNK + CHUNK, total)):
+                wp[unsafe_offset=i] = src[unsafe_offset=i].cast[dtype]()
+
+        run_dynamic(convert, ceildiv(total, CHUNK))
+        var wt = TileTensor(wp, row_major((nb, K)))
+        if nb == N:
+            matmul[transpose_b=True, target="cpu"](TileTensor(y, row_major((M, N))), xt, wt, ctx)
+        else:
+            matmul[transpose_b=True, target="cpu"](TileTensor(yp, row_major((M, nb))), xt, wt, ctx)
+            for m in range(M):
+                for j in range(nb):
+                    y[unsafe_offset=m * N + n0 + j] = yp[unsafe_offset=m * nb + j]
+    _ = wc^
+    _ = yc^
 
 
 @extensibility.register("qwen3vl_linear")
@@ -21,14 +68,16 @@ struct Linear:
     accumulation; above, it calls MAX's matmul with transpose_b. CPU only: GPU
     graphs use MAX's matmul, which reads W^T in place.
 
-    Shapes: y [M, N], x [M, K], w [N, K]; float32 or bfloat16 (all alike).
+    Shapes: y [M, N], x [M, K], w [N, K]; float32 or bfloat16 (x and y alike; w may
+    be bfloat16 under float32 x: streamed as it is, or converted block by block
+    for MAX's matmul; both exact, float32 accumulation).
     """
 
     @staticmethod
     def execute[target: StaticString](
         y: OutputTensor[rank=2, ...],
         x: InputTensor[dtype=y.dtype, rank=2, ...],
-        w: InputTensor[dtype=y.dtype, rank=2, ...],
+        w: InputTensor[rank=2, ...],
         ctx: DeviceContext,
     ) raises:
         var M = x.dim_size(0)
@@ -45,6 +94,9 @@ struct Linear:
         if M == 0 or N == 0:
             return
         if M <= GEMV_MAX_ROWS:
-            linear_rows_cpu[y.dtype](y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), M, N, K)
+            linear_rows_cpu[y.dtype, w.dtype](y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), M, N, K)
         else:
-            matmul[transpose_b=True, target="cpu"](y.to_tile_tensor(), x.to_tile_tensor(), w.to_tile_tensor(), ctx)
+            comptime if w.dtype == y.dtype:
+                matmul[transpose_b=True, target="cpu"](y.to_tile_tensor(), x.to_tile_tensor(), w.to_tile_tensor(), ctx)
+            else:
+                _matmul_converted[y.dtype, w.dtype](y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), M, N, K, ctx)

@@ -229,16 +229,15 @@ def convert_qwen3vl_model_state_dict(
             "weight_scale_inv (this device runs no FP8 matmul here)",
             fp8.dequantized, "x".join(map(str, fp8.block)),
         )
-    if kept:
-        logger.info(
-            "Qwen3-VL weights: %d bfloat16 text-decoder matrices kept in bfloat16 (read as they are by "
-            "the CPU kernels, float32 compute)", len(kept),
-        )
     if casts:
+        kept_note = (
+            f"; the {len(kept)} text-decoder matrices stay bfloat16 (the CPU kernels read them as they "
+            "are and compute in float32: half the bytes per decode step)" if kept else ""
+        )
         logger.info(
             "Qwen3-VL weights: %s cast to %s at load, the dtype the model computes in "
-            "(float32 on CPU unless --quantization-encoding says otherwise)",
-            ", ".join(f"{n} {d} tensors" for d, n in sorted(casts.items())), dtype.name,
+            "(float32 on CPU unless --quantization-encoding says otherwise)%s",
+            ", ".join(f"{n} {d} tensors" for d, n in sorted(casts.items())), dtype.name, kept_note,
         )
 
     problems: list[str] = list(fp8.problems)

@@ -23,6 +23,8 @@ from typing import NamedTuple
 from max.dtype import DType
 from max.graph import TensorType, TensorValue, ops
 
+from .linear import check_weight_dtype
+
 ROUTE_OP = "qwen3vl_moe_route"
 GATE_UP_OP = "qwen3vl_moe_gate_up"
 DOWN_OP = "qwen3vl_moe_down"
@@ -90,17 +92,18 @@ def moe_experts(
     """Routed experts of a Qwen3-VL-MoE sparse block: [T, H] -> [T, H] in x's dtype.
 
     x [T, H] float32 or bfloat16; router_logits [T, E] (raw logits, cast to x's
-    dtype if needed); gate_up/down in x's dtype, in the checkpoint's layout:
+    dtype if needed); gate_up/down in x's dtype (or bfloat16 under float32 x on CPU), in the checkpoint's layout:
     ``weights_hub_layout=True``: gate_up [E, H, 2I], down [E, I, H] (original
     release); ``False``: gate_up [E, 2I, H], down [E, H, I] (transformers in memory).
     No weight is copied or transposed. Float32 accumulation everywhere.
     """
     if x.rank != 2 or router_logits.rank != 2:
         raise ValueError("x must be [T, H] and router_logits [T, E]")
-    if gate_up.dtype != x.dtype or down.dtype != x.dtype:
-        raise ValueError(
-            f"expert weights ({gate_up.dtype}, {down.dtype}) must have x's dtype {x.dtype}"
-        )
+    if gate_up.dtype != down.dtype:
+        raise ValueError(f"gate_up ({gate_up.dtype}) and down ({down.dtype}) weights must share a dtype")
+    check_weight_dtype("moe_experts", gate_up.dtype, x.dtype)
+    if gate_up.dtype != x.dtype and not x.device.is_cpu():
+        raise ValueError("moe_experts: on GPU the expert weights must have x's dtype")
     hub = bool(weights_hub_layout)
     dev = x.device
     T, _ = x.shape

@@ -36,15 +36,16 @@ class TextAttention(Module):
         rms_norm_eps: float,
         kv_params: KVCacheParams,
         dtype: DType,
+        weight_dtype: DType,
         device: DeviceRef,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.kv_params = kv_params
-        self.q_proj = StreamingLinear(hidden_size, num_heads * head_dim, dtype, device)
-        self.k_proj = StreamingLinear(hidden_size, num_kv_heads * head_dim, dtype, device)
-        self.v_proj = StreamingLinear(hidden_size, num_kv_heads * head_dim, dtype, device)
-        self.o_proj = StreamingLinear(num_heads * head_dim, hidden_size, dtype, device)
+        self.q_proj = StreamingLinear(hidden_size, num_heads * head_dim, weight_dtype, device)
+        self.k_proj = StreamingLinear(hidden_size, num_kv_heads * head_dim, weight_dtype, device)
+        self.v_proj = StreamingLinear(hidden_size, num_kv_heads * head_dim, weight_dtype, device)
+        self.o_proj = StreamingLinear(num_heads * head_dim, hidden_size, weight_dtype, device)
         # transformers normalises in float32, casts, then multiplies by the weight.
         self.q_norm = RMSNorm(head_dim, dtype, rms_norm_eps, multiply_before_cast=False)
         self.k_norm = RMSNorm(head_dim, dtype, rms_norm_eps, multiply_before_cast=False)

@@ -12,12 +12,13 @@ class StreamingLinear(Linear):
     """``max.nn.Linear`` (same weights and names) that on CPU runs the ``linear`` op.
 
     At decode a linear layer reads its weight once per step, so its speed is
-    the weight stream; MAX's CPU matmul re-packs the weight on every call. GPU
-    graphs keep MAX's matmul.
+    the weight stream; MAX's CPU matmul re-packs the weight on every call. The
+    op also reads a bfloat16 weight under float32 activations (half the bytes).
+    GPU graphs keep MAX's matmul.
     """
 
     def __call__(self, x: TensorValue) -> TensorValue:
         plain = self.bias is None and self.weight.quantization_encoding is None
         if self.device.is_cpu() and plain and x.rank == 2:
-            return linear(x, self.weight)
+            return linear(x, self.weight)  # the weight may be bfloat16 under float32 x
         return super().__call__(x)

@@ -14,11 +14,11 @@ from .linear import StreamingLinear
 class DenseMLP(Module):
     """``down(silu(gate(x)) * up(x))``, bias-free."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype: DType, device: DeviceRef) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, weight_dtype: DType, device: DeviceRef) -> None:
         super().__init__()
-        self.gate_proj = StreamingLinear(hidden_size, intermediate_size, dtype, device)
-        self.up_proj = StreamingLinear(hidden_size, intermediate_size, dtype, device)
-        self.down_proj = StreamingLinear(intermediate_size, hidden_size, dtype, device)
+        self.gate_proj = StreamingLinear(hidden_size, intermediate_size, weight_dtype, device)
+        self.up_proj = StreamingLinear(hidden_size, intermediate_size, weight_dtype, device)
+        self.down_proj = StreamingLinear(intermediate_size, hidden_size, weight_dtype, device)
 
     def __call__(self, x: TensorValue) -> TensorValue:
         return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -53,12 +53,12 @@ class SparseMoE(Module):
 
     def __init__(
         self, *, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
-        layout: ExpertLayout, dtype: DType, device: DeviceRef,
+        layout: ExpertLayout, weight_dtype: DType, device: DeviceRef,
     ) -> None:
         super().__init__()
         self.top_k = top_k
-        self.gate = StreamingLinear(hidden_size, num_experts, dtype, device)
-        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, layout, dtype, device)
+        self.gate = StreamingLinear(hidden_size, num_experts, weight_dtype, device)
+        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, layout, weight_dtype, device)
 
     def __call__(self, x: TensorValue) -> TensorValue:
         return moe_experts(

@@ -61,6 +61,8 @@ class Qwen3VLTextDecoder(Module):
             )
         t = args.text
         device, dtype = config.devices[0], config.dtype
+        # The matrices' storage dtype: bfloat16 under float32 compute on CPU (see ModelArgs).
+        weight_dtype = args.text_weight_dtype or dtype
         self.devices = config.devices
         self.dtype = dtype
         self.hidden_size = t.hidden_size
@@ -75,9 +77,9 @@ class Qwen3VLTextDecoder(Module):
                 return SparseMoE(
                     hidden_size=t.hidden_size, num_experts=t.num_experts,
                     top_k=t.num_experts_per_tok, intermediate_size=t.moe_intermediate_size,
-                    layout=args.expert_layout, dtype=dtype, device=device,
+                    layout=args.expert_layout, weight_dtype=weight_dtype, device=device,
                 )
-            return DenseMLP(t.hidden_size, t.intermediate_size, dtype, device)
+            return DenseMLP(t.hidden_size, t.intermediate_size, weight_dtype, device)
 
         self.layers = LayerList([
             TextDecoderLayer(
@@ -85,15 +87,15 @@ class Qwen3VLTextDecoder(Module):
                     hidden_size=t.hidden_size, num_heads=t.num_heads,
                     num_kv_heads=t.num_kv_heads, head_dim=t.head_dim,
                     rms_norm_eps=t.rms_norm_eps, kv_params=self.kv_params,
-                    dtype=dtype, device=device,
+                    dtype=dtype, weight_dtype=weight_dtype, device=device,
                 ),
                 mlp(sparse), t.hidden_size, t.rms_norm_eps, dtype,
             )
             for sparse in t.sparse_layers
         ])
-        self.embed_tokens = Embedding(t.vocab_size, t.hidden_size, dtype, device)
+        self.embed_tokens = Embedding(t.vocab_size, t.hidden_size, weight_dtype, device)
         self.norm = RMSNorm(t.hidden_size, dtype, t.rms_norm_eps, multiply_before_cast=False)
-        self.lm_head = StreamingLinear(t.hidden_size, t.vocab_size, dtype, device)
+        self.lm_head = StreamingLinear(t.hidden_size, t.vocab_size, weight_dtype, device)
         if t.tie_word_embeddings:
             self.lm_head.set_shared_weight("weight", self.embed_tokens.weight)
 
@@ -175,7 +177,10 @@ class Qwen3VLTextDecoder(Module):
         signal_buffers: list[BufferValue],
         kv_collection: PagedCacheValues,
     ) -> tuple[TensorValue, ...]:
-        h = merge_multimodal_embeddings(self.embed_tokens(tokens), image_embeddings, image_token_indices)
+        embedded = self.embed_tokens(tokens)
+        if embedded.dtype != self.dtype:  # a bfloat16 table under float32 compute (exact)
+            embedded = ops.cast(embedded, self.dtype)
+        h = merge_multimodal_embeddings(embedded, image_embeddings, image_token_indices)
         cos, sin = self.rope.cos_sin(position_ids, self.devices[0])
         fresh_prefill = self._fresh_prefill(kv_collection)
         for i, layer in enumerate(self.layers):
