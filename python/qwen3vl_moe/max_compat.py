@@ -108,6 +108,35 @@ def pipeline_model_of(pipeline: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# Building a Mojo package the way MAX does.
+#
+# Given a source directory in ``custom_extensions``, MAX 26.7 runs
+# ``mojo precompile DIR -o $TMPDIR/.modular_<uid>/mojo_pkg/mojo_pkg_<md5(path)>.mojoc``
+# through ``mojo.run.subprocess_run_mojo`` (``mojo.paths._build_mojo_source_package``)
+# at every graph build and every compile, rewriting the file each time.
+# ``kernels.kernel_extension`` runs the same command once per content and
+# passes the built file instead. Relied on: ``subprocess_run_mojo`` running the
+# ``mojo`` bundled with MAX with MAX's import paths set (the wheel's driver
+# and ``lib/mojo``), so the package is built against the same ``std`` and
+# ``max`` packages the graph compiler links; and a ``.mojoc`` being read back
+# with its module named after the file's stem.
+
+
+def mojo_precompile(source: Path, out: Path) -> None:
+    """``mojo precompile source -o out`` with MAX's bundled Mojo; raises MAX's own error on failure."""
+    import subprocess
+
+    from mojo.paths import MojoCompilationError
+    from mojo.run import subprocess_run_mojo
+
+    args = ["precompile", str(source), "-o", str(out)]
+    try:
+        subprocess_run_mojo(args, capture_output=True, check=True)
+    except subprocess.CalledProcessError as e:
+        raise MojoCompilationError.from_subprocess_error(source, args, e) from e
+
+
+# ---------------------------------------------------------------------------
 # Graph groups: one package listed once per compile group.
 #
 # ``compile_graphs`` compiles the graphs of one group with the concatenation

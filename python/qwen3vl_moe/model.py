@@ -9,6 +9,11 @@ expert layout is checked rather than assumed.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -22,7 +27,7 @@ from max.pipelines.lib import ModelInputs, ModelOutputs
 from max.pipelines.lib.graph_specs import GraphRole, GraphSpec
 
 from .cpu_threads import lower_cpu_worker_priority
-from .kernels import kernel_package
+from .kernels import kernel_extension
 from .max_compat import (
     BuiltinQwen3VLModel,
     GroupMemberSpec,
@@ -39,6 +44,38 @@ from .weight_adapters import checkpoint_expert_layout, convert_qwen3vl_model_sta
 __all__ = ["Qwen3VLInputs", "Qwen3VLModel"]
 
 _COMPILE_GROUP = "qwen3vl_moe"
+
+# The start-up progress lines go to MAX's logger tree, which `max serve` shows.
+_logger = logging.getLogger("max.pipelines.qwen3vl_moe")
+_STILL_COMPILING_EVERY_S = 30.0
+
+
+@contextmanager
+def _compile_progress(devices: str) -> Iterator[None]:
+    """Logs a line before the graphs load, one every 30 s while they compile, and the time it took.
+
+    Whether MAX's cache holds the graphs is only known once it compiles, so
+    the first line says both cases; the 30 s reminders come only from a real
+    compile (a cached load takes seconds).
+    """
+    _logger.info("loading the Qwen3-VL graphs for %s: the first load with this model and these settings compiles "
+                 "them (minutes on a CPU), later loads take them from MAX's cache ...", devices)
+    start = time.perf_counter()
+    done = threading.Event()
+
+    def remind() -> None:
+        while not done.wait(_STILL_COMPILING_EVERY_S):
+            _logger.info("... still compiling the Qwen3-VL graphs (%.0f s so far; cached afterwards)",
+                         time.perf_counter() - start)
+
+    reminder = threading.Thread(target=remind, name="qwen3vl-compile-progress", daemon=True)
+    reminder.start()
+    try:
+        yield
+    finally:
+        done.set()
+        reminder.join()
+    _logger.info("Qwen3-VL graphs for %s ready in %.1f s", devices, time.perf_counter() - start)
 
 
 class Qwen3VLGraphs(Module):
@@ -82,6 +119,12 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
     def calculate_max_seq_len(cls, pipeline_config: Any, huggingface_config: Any) -> int:
         """The resolved maximum sequence length (the seed API's signature; MAX 26.7 asks the config class)."""
         return Qwen3VLConfig.calculate_max_seq_len(huggingface_config, pipeline_config.model)
+
+    def load_graphs(self, session: InferenceSession) -> dict[str, Model]:
+        """MAX's load (weights, then the graphs compiled or taken from its cache), with progress lines."""
+        devices = ", ".join(sorted({"cpu" if device.is_host else f"gpu:{device.id}" for device in self.devices}))
+        with _compile_progress(devices):
+            return super().load_graphs(session)
 
     def load_model(self, session: InferenceSession) -> tuple[Model, Model]:
         """(vision_model, language_model), compiled (or loaded from MAX's cache) in ``session``."""
@@ -161,7 +204,13 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
         return config
 
     def graph_specs(self, model_config: Qwen3VLConfig) -> dict[str, GraphSpec]:
-        """The vision encoder and the text decoder, compiled as one group."""
+        """The vision encoder and the text decoder, compiled as one group.
+
+        The Mojo packages are listed as built ``.mojoc`` files from the kernel
+        cache (``kernel_extension``), not as source directories, which MAX
+        re-packages at every trace and compile: with them a cached load
+        compiles nothing (MAX's cache hits for the group as a whole).
+        """
         del model_config
         vision, decoder = self.model.vision_encoder, self.model.language_model
         return {
@@ -171,7 +220,7 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
                 tuple(tree.leaves(vision.input_tree())),
                 weights=self._vision_weights_dict,
                 group=_COMPILE_GROUP,
-                custom_extensions=(kernel_package("vision"), kernel_package("attention")),
+                custom_extensions=(kernel_extension("vision"), kernel_extension("attention")),
             ),
             GraphRole.DECODER: GroupMemberSpec(
                 decoder,
@@ -179,8 +228,8 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
                 tuple(tree.leaves(decoder.input_tree(self.kv_params))),
                 weights=self._language_weights_dict,
                 group=_COMPILE_GROUP,
-                custom_extensions=(kernel_package("text"),),
-                listed_by_group=(kernel_package("attention"),),
+                custom_extensions=(kernel_extension("text"),),
+                listed_by_group=(kernel_extension("attention"),),
             ),
         }
 
