@@ -15,6 +15,20 @@ import sys
 from .serving import default_model_path, serve
 
 
+def _show_progress() -> None:
+    """Start-up progress (building kernels, compiling graphs) on stderr; the reply stays alone on stdout."""
+    import logging
+
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    progress = logging.getLogger("max.pipelines.qwen3vl_moe")
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False  # MAX may configure the root logger later; one line each
+
+
 def _generate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="qwen3vl-moe generate")
     parser.add_argument("prompt")
@@ -24,6 +38,7 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    _show_progress()
     from .api import Qwen3VL
 
     llm = Qwen3VL(args.model_path or default_model_path(), devices=args.devices)
