@@ -19,7 +19,7 @@ from max.nn.layer import Module
 from max.nn.norm import RMSNorm
 
 from ..kernels.attention import varlen_attention
-from .linear import StreamingLinear
+from .mlp import text_linear
 from .rotary import apply_rotary
 
 
@@ -38,14 +38,16 @@ class TextAttention(Module):
         dtype: DType,
         weight_dtype: DType,
         device: DeviceRef,
+        fp8: frozenset[str] = frozenset(),
     ) -> None:
+        """``fp8``: the projections whose weights are float8 (GPU only; see nn/fp8)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.kv_params = kv_params
-        self.q_proj = StreamingLinear(hidden_size, num_heads * head_dim, weight_dtype, device)
-        self.k_proj = StreamingLinear(hidden_size, num_kv_heads * head_dim, weight_dtype, device)
-        self.v_proj = StreamingLinear(hidden_size, num_kv_heads * head_dim, weight_dtype, device)
-        self.o_proj = StreamingLinear(num_heads * head_dim, hidden_size, weight_dtype, device)
+        self.q_proj = text_linear(hidden_size, num_heads * head_dim, weight_dtype, device, "q_proj" in fp8)
+        self.k_proj = text_linear(hidden_size, num_kv_heads * head_dim, weight_dtype, device, "k_proj" in fp8)
+        self.v_proj = text_linear(hidden_size, num_kv_heads * head_dim, weight_dtype, device, "v_proj" in fp8)
+        self.o_proj = text_linear(num_heads * head_dim, hidden_size, weight_dtype, device, "o_proj" in fp8)
         # transformers normalises in float32, casts, then multiplies by the weight.
         self.q_norm = RMSNorm(head_dim, dtype, rms_norm_eps, multiply_before_cast=False)
         self.k_norm = RMSNorm(head_dim, dtype, rms_norm_eps, multiply_before_cast=False)
@@ -59,8 +61,11 @@ class TextAttention(Module):
         sin: TensorValue,
         input_row_offsets: TensorValue,
         fresh_prefill: TensorValue | None = None,
+        rows: TensorValue | None = None,
     ) -> TensorValue:
-        """``fresh_prefill``: scalar bool (CPU), true when no sequence has cached tokens."""
+        """``fresh_prefill``: scalar bool (CPU), true when no sequence has cached tokens.
+        ``rows``: when given, only these rows' outputs are projected and returned (every
+        row's k/v still enters the cache)."""
         q = self.q_norm(ops.reshape(self.q_proj(x), [-1, self.num_heads, self.head_dim]))
         k = self.k_norm(ops.reshape(self.k_proj(x), [-1, self.num_kv_heads, self.head_dim]))
         v = ops.reshape(self.v_proj(x), [-1, self.num_kv_heads, self.head_dim])
@@ -89,4 +94,5 @@ class TextAttention(Module):
                 lambda: varlen_attention(q, k, v, input_row_offsets, scale=scale, causal=True),
                 over_cache,
             )[0]
-        return self.o_proj(ops.reshape(out, [-1, self.num_heads * self.head_dim]))
+        out = ops.reshape(out, [-1, self.num_heads * self.head_dim])
+        return self.o_proj(out if rows is None else ops.gather(out, rows, axis=0))

@@ -43,10 +43,14 @@ class TextDecoderLayer(Module):
         self.input_layernorm = RMSNorm(hidden_size, dtype, eps, multiply_before_cast=False)
         self.post_attention_layernorm = RMSNorm(hidden_size, dtype, eps, multiply_before_cast=False)
 
-    def __call__(self, layer_idx, x, kv_collection, cos, sin, input_row_offsets, fresh_prefill) -> TensorValue:
-        h = x + self.self_attn(
-            layer_idx, self.input_layernorm(x), kv_collection, cos, sin, input_row_offsets, fresh_prefill
+    def __call__(
+        self, layer_idx, x, kv_collection, cos, sin, input_row_offsets, fresh_prefill, rows=None
+    ) -> TensorValue:
+        """``rows``: compute only these output rows after attention (see Qwen3VLTextDecoder)."""
+        attn = self.self_attn(
+            layer_idx, self.input_layernorm(x), kv_collection, cos, sin, input_row_offsets, fresh_prefill, rows
         )
+        h = (x if rows is None else ops.gather(x, rows, axis=0)) + attn
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -71,15 +75,24 @@ class Qwen3VLTextDecoder(Module):
         self.num_deepstack_layers = len(args.vision.deepstack_visual_indexes)
         self.rope = InterleavedMRope(t.head_dim, t.rope_theta, list(t.mrope_section))
 
-        def mlp(sparse: bool) -> Module:
+        # Text-decoder weights the adapter kept float8 (an FP8 checkpoint on a GPU; see nn/fp8).
+        fp8_weights: frozenset[str] = getattr(config, "fp8_weights", frozenset())
+
+        def fp8(prefix: str, *names: str) -> frozenset[str]:
+            return frozenset(n for n in names if f"{prefix}{n}.weight" in fp8_weights)
+
+        def mlp(i: int, sparse: bool) -> Module:
+            p = f"language_model.layers.{i}.mlp."
             if sparse:
                 assert args.expert_layout is not None
                 return SparseMoE(
                     hidden_size=t.hidden_size, num_experts=t.num_experts,
                     top_k=t.num_experts_per_tok, intermediate_size=t.moe_intermediate_size,
                     layout=args.expert_layout, weight_dtype=weight_dtype, device=device,
+                    fp8_experts=f"{p}experts.gate_up_proj" in fp8_weights,
                 )
-            return DenseMLP(t.hidden_size, t.intermediate_size, weight_dtype, device)
+            return DenseMLP(t.hidden_size, t.intermediate_size, weight_dtype, device,
+                            fp8=fp8(p, "gate_proj", "up_proj", "down_proj"))
 
         self.layers = LayerList([
             TextDecoderLayer(
@@ -88,10 +101,11 @@ class Qwen3VLTextDecoder(Module):
                     num_kv_heads=t.num_kv_heads, head_dim=t.head_dim,
                     rms_norm_eps=t.rms_norm_eps, kv_params=self.kv_params,
                     dtype=dtype, weight_dtype=weight_dtype, device=device,
+                    fp8=fp8(f"language_model.layers.{i}.self_attn.", "q_proj", "k_proj", "v_proj", "o_proj"),
                 ),
-                mlp(sparse), t.hidden_size, t.rms_norm_eps, dtype,
+                mlp(i, sparse), t.hidden_size, t.rms_norm_eps, dtype,
             )
-            for sparse in t.sparse_layers
+            for i, sparse in enumerate(t.sparse_layers)
         ])
         self.embed_tokens = Embedding(t.vocab_size, t.hidden_size, weight_dtype, device)
         self.norm = RMSNorm(t.hidden_size, dtype, t.rms_norm_eps, multiply_before_cast=False)
@@ -183,14 +197,23 @@ class Qwen3VLTextDecoder(Module):
         h = merge_multimodal_embeddings(embedded, image_embeddings, image_token_indices)
         cos, sin = self.rope.cos_sin(position_ids, self.devices[0])
         fresh_prefill = self._fresh_prefill(kv_collection)
+        # Only each sequence's last token has its logits returned (serving): the last
+        # layer computes those rows alone after attention, as llama.cpp does (a
+        # prefill then skips 1/num_layers of the projection and MLP work).
+        last_rows = input_row_offsets[1:] - 1 if self.return_logits == ReturnLogits.LAST_TOKEN else None
         for i, layer in enumerate(self.layers):
             layer_idx = ops.constant(i, DType.uint32, device=DeviceRef.CPU())
-            h = layer(layer_idx, h, kv_collection, cos, sin, input_row_offsets, fresh_prefill)
+            rows = last_rows if i == len(self.layers) - 1 else None
+            all_rows = h.shape
+            h = layer(layer_idx, h, kv_collection, cos, sin, input_row_offsets, fresh_prefill, rows)
             if i < len(deepstack_embeddings):
                 # Deepstack: vision features of level i join the residual
                 # stream at the visual tokens after text layer i.
-                zeros = ops.broadcast_to(ops.constant(0, h.dtype, h.device), h.shape)
-                h = h + merge_multimodal_embeddings(zeros, deepstack_embeddings[i], image_token_indices)
+                zeros = ops.broadcast_to(ops.constant(0, h.dtype, h.device), all_rows)
+                visual = merge_multimodal_embeddings(zeros, deepstack_embeddings[i], image_token_indices)
+                h = h + (visual if rows is None else ops.gather(visual, rows, axis=0))
+        if last_rows is not None:  # h holds the last rows already
+            return (ops.cast(self.lm_head(self.norm(h)), DType.float32),)
         return distributed_logits_postprocess(
             [h],
             [input_row_offsets],
