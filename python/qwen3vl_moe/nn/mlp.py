@@ -8,17 +8,27 @@ from max.nn.layer import Module
 
 from ..kernels.moe import moe_experts
 from ..checkpoints.layout import ExpertLayout
+from .fp8 import Fp8Experts, Fp8Linear, fp8_moe_experts
 from .linear import StreamingLinear
+
+
+def text_linear(in_dim: int, out_dim: int, weight_dtype: DType, device: DeviceRef, fp8: bool = False) -> Module:
+    """A text-decoder projection: FP8 (float8 weights kept on a GPU, see nn/fp8) or ``StreamingLinear``."""
+    return Fp8Linear(in_dim, out_dim, device) if fp8 else StreamingLinear(in_dim, out_dim, weight_dtype, device)
 
 
 class DenseMLP(Module):
     """``down(silu(gate(x)) * up(x))``, bias-free."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, weight_dtype: DType, device: DeviceRef) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, weight_dtype: DType, device: DeviceRef,
+        fp8: frozenset[str] = frozenset(),
+    ) -> None:
+        """``fp8``: the projections whose weights are float8 (GPU only; see nn/fp8)."""
         super().__init__()
-        self.gate_proj = StreamingLinear(hidden_size, intermediate_size, weight_dtype, device)
-        self.up_proj = StreamingLinear(hidden_size, intermediate_size, weight_dtype, device)
-        self.down_proj = StreamingLinear(intermediate_size, hidden_size, weight_dtype, device)
+        self.gate_proj = text_linear(hidden_size, intermediate_size, weight_dtype, device, "gate_proj" in fp8)
+        self.up_proj = text_linear(hidden_size, intermediate_size, weight_dtype, device, "up_proj" in fp8)
+        self.down_proj = text_linear(intermediate_size, hidden_size, weight_dtype, device, "down_proj" in fp8)
 
     def __call__(self, x: TensorValue) -> TensorValue:
         return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -53,14 +63,20 @@ class SparseMoE(Module):
 
     def __init__(
         self, *, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
-        layout: ExpertLayout, weight_dtype: DType, device: DeviceRef,
+        layout: ExpertLayout, weight_dtype: DType, device: DeviceRef, fp8_experts: bool = False,
     ) -> None:
+        """``fp8_experts``: float8 experts in transformers' layout (GPU only), run by nn/fp8's MAX kernels."""
         super().__init__()
         self.top_k = top_k
         self.gate = StreamingLinear(hidden_size, num_experts, weight_dtype, device)
-        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, layout, weight_dtype, device)
+        self.experts: Module = (
+            Fp8Experts(num_experts, hidden_size, intermediate_size, device) if fp8_experts
+            else FusedExperts(num_experts, hidden_size, intermediate_size, layout, weight_dtype, device)
+        )
 
     def __call__(self, x: TensorValue) -> TensorValue:
+        if isinstance(self.experts, Fp8Experts):
+            return fp8_moe_experts(x, self.gate(x), self.experts, top_k=self.top_k)
         return moe_experts(
             x, self.gate(x), self.experts.gate_up_proj, self.experts.down_proj,
             top_k=self.top_k, weights_hub_layout=self.experts.hub_layout,
