@@ -11,7 +11,7 @@ from max.graph.weights import WeightsFormat
 from max.pipelines.lib import SupportedArchitecture
 from max.pipelines.modeling.types import InputModality, PipelineTask
 
-from .max_compat import Qwen3VLMoeBatchProcessor, Qwen3VLTextAndVisionContext, default_cpu_encoding_to_float32
+from .max_compat import Qwen3VLBatchProcessor, Qwen3VLTextAndVisionContext, default_cpu_encoding_to_float32
 from .memory import Qwen3VLMemoryPlanner
 from .model import Qwen3VLModel
 from .model_config import Qwen3VLConfig
@@ -29,10 +29,12 @@ def _architecture(name: str, example_repo_ids: list[str]) -> SupportedArchitectu
         multi_gpu_supported=False,
         input_modalities={InputModality.TEXT, InputModality.IMAGE, InputModality.VIDEO},
         default_encoding=Qwen3VLConfig.DEFAULT_ENCODING,
-        supported_encodings=Qwen3VLConfig.SUPPORTED_ENCODINGS - {"float8_e4m3fn"},
+        # float8_e4m3fn: FP8 checkpoints on GPU (MAX's blockwise FP8 kernels, nn/fp8); on
+        # CPU, MAX refuses the encoding and no flag means float32 (dequantized at load).
+        supported_encodings=Qwen3VLConfig.SUPPORTED_ENCODINGS,
         weight_adapters={WeightsFormat.safetensors: convert_qwen3vl_model_state_dict},
         pipeline_model=Qwen3VLModel,
-        batching=Qwen3VLMoeBatchProcessor,
+        batching=Qwen3VLBatchProcessor,
         tokenizer=Qwen3VLTokenizer,
         context_type=Qwen3VLTextAndVisionContext,
         required_arguments={"enable_chunked_prefill": False},

@@ -75,6 +75,31 @@ from max.pipelines.architectures.qwen3vl_moe.model_config import (  # noqa: E402
 from max.pipelines.architectures.qwen3vl_moe.tokenizer import Qwen3VLTokenizer as BuiltinQwen3VLTokenizer  # noqa: E402
 
 
+class Qwen3VLBatchProcessor(Qwen3VLMoeBatchProcessor):
+    """MAX's Qwen3-VL batch processor, with its empty image embeddings in the graphs' dtype.
+
+    Relied on (``batch_processor.py``, 26.7.0): ``empty_image_embeddings``
+    builds zero-row (image, deepstack) buffers in the encoding's dtype and
+    caches them in ``_cached_empty_embeddings``. For ``float8_e4m3fn`` that is
+    float8, while the decoder graph takes bfloat16 embeddings (the FP8 encoding
+    computes in bfloat16, see ``model_config.Qwen3VLConfig``); the cached
+    buffers are replaced by bfloat16 ones of the same shapes and devices.
+    """
+
+    def empty_image_embeddings(self):  # type: ignore[no-untyped-def]
+        from max.driver import Buffer
+        from max.dtype import DType
+
+        image, deepstack = super().empty_image_embeddings()
+        if image and image[0].dtype == DType.float8_e4m3fn:
+            def bf16(b):  # type: ignore[no-untyped-def]
+                return Buffer.zeros(shape=b.shape, dtype=DType.bfloat16).to(b.device)
+
+            self._cached_empty_embeddings = ([bf16(b) for b in image], [bf16(b) for b in deepstack])
+            image, deepstack = self._cached_empty_embeddings
+        return image, deepstack
+
+
 def _require(owner: type, names: tuple[str, ...]) -> None:
     missing = [name for name in names if not hasattr(owner, name)]
     if missing:

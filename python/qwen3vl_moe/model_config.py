@@ -27,7 +27,33 @@ VisionConfig = BuiltinVisionConfig
 
 
 class Qwen3VLConfig(BuiltinQwen3VLConfig):
-    """Whole-model configuration (fields of MAX's built-in ``Qwen3VLConfig``)."""
+    """Whole-model configuration (fields of MAX's built-in ``Qwen3VLConfig``).
+
+    The ``float8_e4m3fn`` encoding (an FP8 checkpoint on a GPU; MAX refuses it
+    on CPU) computes in bfloat16: ``dtype`` (activations, norms, vision) is
+    bfloat16 and the weight adapter keeps the text decoder's float8 matrices
+    that MAX's blockwise FP8 kernels take; ``fp8_weights`` names them (set by
+    :meth:`finalize` from the loaded weights), and the decoder builds FP8
+    layers for exactly those (``nn/fp8``).
+    """
+
+    fp8_weights: frozenset[str] = frozenset()
+
+    @classmethod
+    def initialize_from_config(cls, *args: Any, **kwargs: Any) -> Qwen3VLConfig:  # type: ignore[override]
+        config = super().initialize_from_config(*args, **kwargs)
+        if config.dtype == DType.float8_e4m3fn:
+            # MAX's encoding dtype is the weights'; the graphs compute in bfloat16 (the KV
+            # cache already is: MAX maps float8_e4m3fn to a bfloat16 cache). The LLM
+            # sub-config in bfloat16 also keeps MAX's own FP8 config parser off these weights.
+            config.dtype = DType.bfloat16
+            config.llm_config.dtype = DType.bfloat16
+        return config  # type: ignore[return-value]
+
+    def finalize(self, huggingface_config: Any, llm_state_dict: Any, vision_state_dict: Any,
+                 *args: Any, **kwargs: Any) -> None:
+        super().finalize(huggingface_config, llm_state_dict, vision_state_dict, *args, **kwargs)
+        self.fp8_weights = frozenset(n for n, w in llm_state_dict.items() if w.dtype == DType.float8_e4m3fn)
 
     @classmethod
     def calculate_max_seq_len(cls, huggingface_config, model_config):  # type: ignore[override]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from max.driver import Buffer
 from max.dtype import DType
+from max.graph import Shape
 from max.graph.weights import WeightData, Weights
 
 from .checkpoints.layout import (
@@ -124,6 +125,7 @@ class _Fp8Weights:
         self.problems = problems
         self.block = tuple(self.config.get("weight_block_size") or (128, 128))
         self.dequantized = 0
+        self.kept = 0
 
     @classmethod
     def of(cls, state_dict: Mapping[str, Weights], huggingface_config: Any) -> _Fp8Weights:
@@ -152,11 +154,10 @@ class _Fp8Weights:
                 problems.append(f"config.json quantization_config.weight_block_size {block!r} is not two positive ints")
         return cls(scales, config, problems)
 
-    def dequantize(self, name: str, data: WeightData) -> WeightData:
-        """The float32 values of the float8 tensor ``name`` (a placeholder if it cannot be)."""
-        from .checkpoints.fp8 import dequantize_blockwise, is_not_converted
+    def _scale(self, name: str, data: WeightData) -> np.ndarray | None:
+        """The float32 ``weight_scale_inv`` of the float8 tensor ``name``, checked (None, and a problem, if wrong)."""
+        from .checkpoints.fp8 import is_not_converted
 
-        shape = [int(d) for d in data.shape]
         scale = self.scales.get(name + "_scale_inv")
         skip = self.config.get("modules_to_not_convert")
         if is_not_converted(name, skip):
@@ -166,19 +167,61 @@ class _Fp8Weights:
             )
         if scale is None:
             self.problems.append(f"tensor {name} is float8_e4m3fn but {name}_scale_inv is missing")
-            return WeightData.from_numpy(np.zeros(shape, np.float32), name)
-        buffer = Buffer.from_dlpack(data.data)
-        bits = buffer.view(DType.uint8, buffer.shape).to_numpy()
+            return None
         scale_data = scale.data()
         if scale_data.dtype != DType.float32:
             scale_data = scale_data.astype(DType.float32)
-        try:
-            values = dequantize_blockwise(bits, Buffer.from_dlpack(scale_data.data).to_numpy(), self.block)
-        except ValueError as e:
-            self.problems.append(f"tensor {name}_scale_inv: {e}")
+        values = Buffer.from_dlpack(scale_data.data).to_numpy()
+        shape = [int(d) for d in data.shape]
+        want = [*shape[:-2], *(-(-n // b) for n, b in zip(shape[-2:], self.block))]
+        if list(values.shape) != want:
+            self.problems.append(
+                f"tensor {name}_scale_inv: weight_scale_inv has shape {list(values.shape)}, expected {want} "
+                f"for a {shape} weight in {list(self.block)} blocks"
+            )
+            return None
+        return values
+
+    def dequantize(self, name: str, data: WeightData) -> WeightData:
+        """The float32 values of the float8 tensor ``name`` (a placeholder if it cannot be)."""
+        from .checkpoints.fp8 import dequantize_blockwise
+
+        shape = [int(d) for d in data.shape]
+        scale = self._scale(name, data)
+        if scale is None:
             return WeightData.from_numpy(np.zeros(shape, np.float32), name)
+        buffer = Buffer.from_dlpack(data.data)
+        bits = buffer.view(DType.uint8, buffer.shape).to_numpy()
         self.dequantized += 1
-        return WeightData.from_numpy(values, name)
+        return WeightData.from_numpy(dequantize_blockwise(bits, scale, self.block), name)
+
+    def keep(self, name: str, data: WeightData, scale_name: str) -> WeightData | None:
+        """On a GPU: the float32 scales of a float8 tensor kept as it is, or None (then dequantize).
+
+        Kept: the text decoder's projections and fused experts (``_FP8_ON_GPU``)
+        in 128x128 blocks whose dims are whole blocks: what MAX's blockwise FP8
+        kernels take (``nn/fp8``). The rest (vision, router, embedding, lm_head,
+        other block sizes, ragged dims) is dequantized and runs in bfloat16.
+        """
+        from .nn.fp8 import BLOCK, fp8_block_shape_fits
+
+        shape = [int(d) for d in data.shape]
+        if (not name.endswith(_FP8_ON_GPU) or not name.startswith("model.language_model.layers.")
+                or self.block != (BLOCK, BLOCK) or not fp8_block_shape_fits(*shape[-2:])):
+            return None
+        scale = self._scale(name, data)
+        if scale is None:
+            return None
+        self.kept += 1
+        return WeightData.from_numpy(np.ascontiguousarray(scale), scale_name)
+
+
+# What the GPU runs in FP8 (nn/fp8): attention and dense-MLP projections, fused experts.
+_FP8_ON_GPU = (
+    *(f"self_attn.{p}_proj.weight" for p in "qkvo"),
+    *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
+    *_EXPERTS,
+)
 
 
 def convert_qwen3vl_model_state_dict(
@@ -204,9 +247,15 @@ def convert_qwen3vl_model_state_dict(
     del unused_kwargs
     tied = bool(getattr(huggingface_config, "tie_word_embeddings", False))
     expected = _expected_shapes(huggingface_config)
+    # The float8_e4m3fn encoding (MAX allows it on GPUs only): compute in bfloat16, keep
+    # the float8 matrices MAX's blockwise FP8 kernels take (nn/fp8) with their scales.
+    fp8_gpu = dtype == DType.float8_e4m3fn
+    if fp8_gpu:
+        dtype = DType.bfloat16
 
     fp8 = _Fp8Weights.of(state_dict, huggingface_config)
     weights: dict[str, WeightData] = {}
+    float8: set[str] = set()  # graph names of the float8 tensors kept, and of their scales
     casts: Counter[str] = Counter()
     for checkpoint_name, weight in state_dict.items():
         if checkpoint_name in fp8.scales:
@@ -216,18 +265,33 @@ def convert_qwen3vl_model_state_dict(
             continue  # tied checkpoints may still carry a copy; the embedding wins
         data = weight.data()
         if data.dtype == DType.float8_e4m3fn:
-            data = fp8.dequantize(checkpoint_name, data)
+            scale = fp8.keep(checkpoint_name, data, name + "_scale_inv") if fp8_gpu else None
+            if scale is None:
+                data = fp8.dequantize(checkpoint_name, data)
+            else:
+                weights[name + "_scale_inv"] = scale
+                expected[name + "_scale_inv"] = tuple(int(d) for d in scale.shape)
+                float8 |= {name, name + "_scale_inv"}
         weights[name] = data
     kept = _bfloat16_text_matrices(weights) if keep_bfloat16_matrices and dtype == DType.float32 else set()
     for name, data in weights.items():
-        if dtype is not None and data.dtype.is_float() and data.dtype != dtype and name not in kept:
+        if (dtype is not None and data.dtype.is_float() and data.dtype != dtype and name not in kept
+                and name not in float8):
             casts[data.dtype.name] += 1
             weights[name] = data.astype(dtype)
+    if fp8.kept:
+        logger.info(
+            "Qwen3-VL weights: %d float8_e4m3fn text-decoder tensors kept in float8 with their %s-block "
+            "weight_scale_inv for MAX's blockwise FP8 matmuls (activations quantized per token per 128 "
+            "columns at run time)", fp8.kept, "x".join(map(str, fp8.block)),
+        )
     if fp8.dequantized:
         logger.info(
             "Qwen3-VL weights: %d float8_e4m3fn tensors dequantized at load with their %s-block "
-            "weight_scale_inv (this device runs no FP8 matmul here)",
+            "weight_scale_inv (%s)",
             fp8.dequantized, "x".join(map(str, fp8.block)),
+            "vision, router, embedding or lm_head, or dims that are not whole 128x128 blocks: "
+            "MAX's FP8 kernels are not used for them" if fp8_gpu else "this device runs no FP8 matmul here",
         )
     if casts:
         kept_note = (
@@ -270,9 +334,57 @@ def convert_qwen3vl_model_state_dict(
         raise CheckpointError(
             "checkpoint does not match its config:\n  " + "\n  ".join(problems)
         )
+    _fp8_experts_as_kernels_take_them(weights, float8, sparse_layers, layouts)
     patch = "vision_encoder.patch_embed.proj.weight"
     weights[patch] = _conv_as_linear(weights[patch])
     return weights
+
+
+def _fp8_experts_as_kernels_take_them(
+    weights: dict[str, WeightData], float8: set[str], sparse_layers: list[int], layouts: set[ExpertLayout],
+) -> None:
+    """Float8 experts in the layout MAX's grouped FP8 matmul reads: [E, N, K] with [E, N/128, K/128] scales.
+
+    That is transformers' layout, used as it is. Hub-layout experts ([E, K, N])
+    are transposed here, once, on the host (weights and their block scales); a
+    layer whose gate_up and down are not both float8 gets both dequantized.
+    """
+    from .checkpoints.fp8 import dequantize_blockwise
+
+    for i in sparse_layers:
+        p = f"language_model.layers.{i}.mlp.experts."
+        pair = (p + "gate_up_proj", p + "down_proj")
+        if all(n in float8 for n in pair):
+            if layouts == {"hub"}:
+                for n in pair:
+                    bits = np.ascontiguousarray(np.swapaxes(_uint8(weights[n]), -1, -2))
+                    scale = np.ascontiguousarray(np.swapaxes(_numpy(weights[n + "_scale_inv"]), -1, -2))
+                    weights[n] = _fp8_data(bits, n)
+                    weights[n + "_scale_inv"] = WeightData.from_numpy(scale, n + "_scale_inv")
+            continue
+        for n in pair:
+            if n in float8:
+                scale = _numpy(weights.pop(n + "_scale_inv"))
+                weights[n] = WeightData.from_numpy(dequantize_blockwise(_uint8(weights[n]), scale), n).astype(
+                    DType.bfloat16)
+                float8 -= {n, n + "_scale_inv"}
+
+
+def _numpy(data: WeightData) -> np.ndarray:
+    return Buffer.from_dlpack(data.data).to_numpy()
+
+
+def _uint8(data: WeightData) -> np.ndarray:
+    """The bit patterns of a float8 tensor."""
+    buffer = Buffer.from_dlpack(data.data)
+    return buffer.view(DType.uint8, buffer.shape).to_numpy()
+
+
+def _fp8_data(bits: np.ndarray, name: str) -> WeightData:
+    """A float8_e4m3fn tensor from its bit patterns (uint8)."""
+    buffer = Buffer.from_numpy(bits)
+    buffer = buffer.view(DType.float8_e4m3fn, buffer.shape)
+    return WeightData(data=buffer, name=name, dtype=DType.float8_e4m3fn, shape=Shape(buffer.shape))
 
 
 def _bfloat16_text_matrices(weights: Mapping[str, WeightData]) -> set[str]:

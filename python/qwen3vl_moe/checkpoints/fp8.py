@@ -35,6 +35,8 @@ __all__ = [
     "dequantize_blockwise",
     "e4m3fn_to_float32",
     "float32_to_e4m3fn",
+    "fp8_blocks_checkpoint",
+    "fp8_blocks_config",
     "fp8_checkpoint",
     "is_not_converted",
     "quantize_blockwise",
@@ -196,3 +198,50 @@ def fp8_checkpoint(preset: str = "moe", seed: int = 0) -> Path:
     from .tiny import tiny_checkpoint
 
     return cached_conversion(tiny_checkpoint(preset, seed), "fp8", write_fp8_checkpoint)
+
+
+# ---------------------------------------------------------------------------
+# A small checkpoint whose text matrices are whole 128x128 blocks
+
+
+def fp8_blocks_config() -> dict[str, Any]:
+    """The tiny MoE model resized so every text projection and expert is whole 128x128 blocks.
+
+    The tiny presets (H=64, I=48) have no whole block, so on a GPU every float8
+    tensor would be dequantized and MAX's FP8 kernels never used: MAX's
+    blockwise FP8 matmuls need K a multiple of 128 (the activation quantizer's
+    128-column groups) and the adapter keeps only whole-block weights. Here
+    H=384 (3 heads x head_dim 128, 1 KV head), dense intermediate 768, experts
+    I=128 (4 experts, top-2; neither H == 2I nor H == I, so the expert layout is
+    unambiguous), 3 text layers with layer 1 dense; the vision encoder is the
+    tiny one with its output at H.
+    """
+    from .tiny import preset_config
+
+    config = preset_config("moe")
+    config["text_config"].update(
+        hidden_size=384, num_attention_heads=3, num_key_value_heads=1, head_dim=128,
+        intermediate_size=768, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=3, mlp_only_layers=[1],
+    )
+    config["vision_config"]["out_hidden_size"] = 384
+    return config
+
+
+# Quantized in the blocks checkpoint: the vision encoder too, so that the GPU
+# loader's dequantization of what MAX runs no FP8 kernel for is exercised.
+BLOCKS_MODULES_TO_NOT_CONVERT = ("lm_head", "model.language_model.embed_tokens", "mlp.gate")
+
+
+def fp8_blocks_checkpoint(seed: int = 0) -> Path:
+    """The cached FP8 checkpoint of :func:`fp8_blocks_config` (text matrices float8 in whole blocks)."""
+    from .tiny import FORMAT_VERSION, cached_directory, default_cache_dir, write_checkpoint_from_config
+
+    source = cached_directory(
+        default_cache_dir() / f"fp8-blocks-s{seed}-v{FORMAT_VERSION}",
+        lambda tmp: write_checkpoint_from_config(tmp, fp8_blocks_config(), seed),
+    )
+    return cached_conversion(
+        source, "fp8",
+        lambda src, dst: write_fp8_checkpoint(src, dst, modules_to_not_convert=BLOCKS_MODULES_TO_NOT_CONVERT),
+    )
