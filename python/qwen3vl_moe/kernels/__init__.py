@@ -99,8 +99,13 @@ def kernel_extension(name: str) -> Path:
     target = kernel_cache_dir() / f"qwen3vl_moe_{name}_{digest}.mojoc"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=target.parent))
+    except OSError as e:  # a read-only cache: MAX packages the sources itself, on every load
+        logger.warning("cannot write the kernel cache %s (%s); MAX will re-package %s on every load",
+                       target.parent, e, name)
+        return kernel_package(name)
     try:
         start = time.perf_counter()
         mojo_precompile(kernel_package(name), staging / target.name)  # the stem names the module
