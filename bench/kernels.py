@@ -152,6 +152,61 @@ def bench_moe(args) -> None:
                   f"{args.repeats} calls each, timed in blocks (2 passes over the contenders)")
 
 
+# ----------------------------------------------------------------------------- weight dtypes at decode
+def bench_weight_dtypes(args) -> None:
+    """Decode-shaped linear and MoE, float32 activations, float32 vs bfloat16 weights (bytes read per call)."""
+    from max.driver import CPU, Buffer
+    from max.dtype import DType
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef, Graph, TensorType
+
+    from qwen3vl_moe.kernels import kernel_package
+    from qwen3vl_moe.kernels.linear import linear
+    from qwen3vl_moe.kernels.moe import moe_experts
+
+    # Qwen3-VL-30B-A3B's expert dims (E=128, top-8, H=2048, I=768) and a 16384 x 2048
+    # projection: the weights touched per call are far larger than the caches.
+    M, N, H, E, K, I = args.decode_rows, 16384, 2048, 128, 8, 768
+    dev = DeviceRef.CPU()
+    session = InferenceSession(devices=[CPU()])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((M, H)).astype(np.float32)
+    logits = rng.standard_normal((M, E)).astype(np.float32)
+    w = (rng.standard_normal((N, H)) / np.sqrt(H)).astype(np.float32)
+    gu = (rng.standard_normal((E, H, 2 * I)) / np.sqrt(H)).astype(np.float32)
+    dn = (rng.standard_normal((E, I, H)) / np.sqrt(I)).astype(np.float32)
+    experts_touched = len(np.unique(np.argsort(-logits, axis=1)[:, :K]))
+    calls = {}
+    for wdt, mdt in (("f32", DType.float32), ("bf16", DType.bfloat16)):
+        ins = [TensorType(DType.float32, [M, H], dev), TensorType(DType.float32, [M, E], dev),
+               TensorType(mdt, [N, H], dev), TensorType(mdt, gu.shape, dev), TensorType(mdt, dn.shape, dev)]
+        with Graph(f"bench_decode_linear_{wdt}", input_types=ins[:1] + ins[2:3],
+                   custom_extensions=[kernel_package("text")]) as g:
+            g.output(linear(g.inputs[0].tensor, g.inputs[1].tensor))
+        lin = session.load(g)
+        with Graph(f"bench_decode_moe_{wdt}", input_types=ins[:2] + ins[3:],
+                   custom_extensions=[kernel_package("text")]) as g:
+            xv, lv, guv, dnv = (v.tensor for v in g.inputs)
+            g.output(moe_experts(xv, lv, guv, dnv, top_k=K, weights_hub_layout=True))
+        moe = session.load(g)
+        cast = (lambda a: Buffer.from_numpy(a)) if wdt == "f32" else \
+            (lambda a: Buffer.from_dlpack(torch.from_numpy(a).bfloat16()))
+        xb, lb = Buffer.from_numpy(x), Buffer.from_numpy(logits)
+        wb, gub, dnb = cast(w), cast(gu), cast(dn)
+        calls[f"linear {wdt}"] = (lambda m=lin, a=xb, b=wb: m.execute(a, b), N * H)
+        calls[f"moe {wdt}"] = (lambda m=moe, a=xb, b=lb, c=gub, d=dnb: m.execute(a, b, c, d),
+                               experts_touched * 3 * H * I)
+    t = timed_rounds({k: f for k, (f, _) in calls.items()}, args.warmup, args.repeats)
+    print(f"Decode-shaped ops, {M} row(s), float32 activations: linear [{N}, {H}]; MoE E={E} top-{K} H={H} I={I} "
+          f"({experts_touched} experts touched); median of {args.repeats} interleaved rounds")
+    for op in ("linear", "moe"):
+        for wdt, size in (("f32", 4), ("bf16", 2)):
+            sec = t[f"{op} {wdt}"]
+            print(f"  {op:6s} {wdt:4s} weights: {sec * 1e3:7.2f} ms, {calls[f'{op} {wdt}'][1] * size / sec / 1e9:6.1f} GB/s "
+                  "of weights read")
+        print(f"  {op:6s} bf16 / f32 speed: {t[f'{op} f32'] / t[f'{op} bf16']:.2f}x")
+
+
 # ----------------------------------------------------------------------------- vision
 def bench_vision_attention(args) -> None:
     """Vision varlen attention (4 images of 32x32 patches, 16 heads x 72) vs torch SDPA per segment."""
@@ -268,6 +323,7 @@ BENCHES = {
     "moe": bench_moe,
     "vision_attention": bench_vision_attention,
     "vision_pos_embed": bench_vision_pos_embed,
+    "weight_dtypes": bench_weight_dtypes,
 }
 
 
@@ -282,6 +338,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layouts", nargs="+", default=["hub", "transformers"],
                     choices=["hub", "transformers"], help="MoE weight layouts")
     ap.add_argument("--bf16", action="store_true", help="MoE: also the bfloat16 variant")
+    ap.add_argument("--decode-rows", type=int, default=1, help="weight_dtypes: rows (tokens) per call")
     args = ap.parse_args(argv)
     if args.list:
         for name, fn in BENCHES.items():
