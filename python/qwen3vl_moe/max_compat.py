@@ -144,7 +144,10 @@ def pipeline_model_of(pipeline: Any) -> Any:
 # ``mojo`` bundled with MAX with MAX's import paths set (the wheel's driver
 # and ``lib/mojo``), so the package is built against the same ``std`` and
 # ``max`` packages the graph compiler links; and a ``.mojoc`` being read back
-# with its module named after the file's stem.
+# with its module named after the file's stem: the graph compiler's generated
+# Mojo code does ``import <stem>``, so the stem must be a plain identifier
+# (``.x.mojoc`` fails with "relative imports must use 'from'", ``a.b.mojoc``
+# with "unable to locate module 'a'"; both seen on 26.7.0).
 
 
 def mojo_precompile(source: Path, out: Path) -> None:
