@@ -17,7 +17,8 @@
 # Budget (one call is at most 600 s): install ~30 s, then the driver gets
 # E2E_BUDGET_S (570) minus what was spent, and stops starting timing rounds at
 # E2E_DEADLINE_S (default: 75 s before its hard limit). A rerun on the same warm machine
-# (no .mx* parts carried) reuses /tmp/site, the checkpoint and MAX's compile caches.
+# (nothing carried) reuses /tmp/site (E2E_REINSTALL=1 installs again), the checkpoint and
+# MAX's compile caches.
 set -uo pipefail
 t0=$(date +%s)
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -26,6 +27,7 @@ py="${PYTHON:-python3}"
 out="${OUT:-$repo/bench/results}"
 site="${E2E_SITE:-/tmp/site}"
 budget="${E2E_BUDGET_S:-570}"
+[ "${1:-}" = "--check-parts" ] && out="$(mktemp -d)"   # leaves nothing in bench/results
 mkdir -p "$out"
 log="$out/e2e-driver.log"
 say() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$log"; }
@@ -55,7 +57,7 @@ if [ "${1:-}" = "--check-parts" ]; then
   reassemble /tmp/mx-check; rc=$?; rm -rf /tmp/mx-check; exit $rc
 fi
 
-if [ "${E2E_SKIP_INSTALL:-0}" != 1 ] && [ -f "$site/.installed" ] && ! ls .mx1 >/dev/null 2>&1; then
+if [ "${E2E_SKIP_INSTALL:-0}" != 1 ] && [ -f "$site/.installed" ] && [ "${E2E_REINSTALL:-0}" != 1 ]; then
   export PYTHONPATH="$site:$repo/python${PYTHONPATH:+:$PYTHONPATH}"   # a rerun on the same warm machine
   say "reusing $site (installed by an earlier run on this machine)"
 elif [ "${E2E_SKIP_INSTALL:-0}" != 1 ]; then

@@ -740,6 +740,13 @@ def main(argv: list[str] | None = None) -> int:
     # 2. bandwidth (the decode floor's denominator), measured before the workers hold the GPU
     bw = run.phase("bandwidth", floor.memory_bandwidth, args.devices)
     res["bandwidth"] = bw
+    if gpu:
+        try:  # hand the copy buffers back to the device before the workers size their KV caches
+            import torch
+
+            torch.cuda.empty_cache()
+        except Exception:
+            pass
 
     # 3. workers, started together so that their cold compiles overlap
     tokenizer = json.loads((model_path / "tokenizer.json").read_text())

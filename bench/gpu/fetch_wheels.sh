@@ -19,7 +19,8 @@
 # mapping sys.modules to distributions) which the GPU image lacks (its package list:
 # /work/.library/device/KINDS.md), or has at a version MAX/transformers refuse
 # (transformers 5.17 there, MAX 26.7 pins <5.13; transformers 5.12.1 pins
-# tokenizers<=0.23.0; pydantic needs typing_extensions>=4.16). Versions are those of
+# tokenizers<=0.23.0; pydantic needs typing_extensions>=4.16), or has at a version not
+# known (protobuf, anyio: carried at the versions MAX's serve extra pins). Versions are those of
 # this repository's tested environment (.venv). --no-deps throughout: the list is the
 # closure.
 set -euo pipefail
@@ -46,7 +47,9 @@ dep_pkgs=(msgspec==0.23.0 taskgroup==0.2.2 exceptiongroup==1.3.2
           opentelemetry-exporter-prometheus==0.56b0 googleapis-common-protos==1.76.0 importlib-metadata==8.7.1
           jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
           pyzmq==27.3.0 python-json-logger==4.2.0 gguf==0.19.0 av==18.1.0
-          transformers==5.12.1 tokenizers==0.22.2)
+          transformers==5.12.1 tokenizers==0.22.2
+          protobuf==6.33.6 anyio==4.16.0)   # MAX serve pins protobuf>=6.33.5 (opentelemetry-proto needs >=5);
+                                            # openai needs anyio>=4.10: the image's versions are not known
 # Pinning the unpinned few to what the venv has, so reruns fetch the same bytes.
 pin() {
   local spec="$1"
