@@ -5,6 +5,8 @@ matrices in bfloat16 (the CPU kernels read them as they are), so a decode
 step reads about half the weight bytes; this measures what that buys.
 
     python bench/checkpoint_dtypes.py --preset medium --new-tokens 32 --repeats 3
+
+Both engines are loaded in one process and timed in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -39,19 +41,32 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    result = {"cpu": platform.processor() or platform.machine(), "preset": args.preset, "runs": {}}
-    for label, path in (("float32 weights", tiny_checkpoint(args.preset)), ("bfloat16 weights", bfloat16_checkpoint(args.preset))):
+    result = {"cpu": cpu_name(), "preset": args.preset, "runs": {}}
+    engines = {}
+    for label, path in (("float32 weights", tiny_checkpoint(args.preset)),
+                        ("bfloat16 weights", bfloat16_checkpoint(args.preset))):
         t0 = time.perf_counter()
-        engine = Qwen3VL(path, devices="cpu", max_length=512, max_batch_size=1)
-        load = time.perf_counter() - t0
-        engine.generate([PROMPT], max_new_tokens=4, ignore_eos=True)  # warm-up
-        rates = [decode_tokens_per_second(engine, args.new_tokens) for _ in range(args.repeats)]
-        result["runs"][label] = {"encoding": engine.pipeline_config.model.quantization_encoding, "load_s": round(load, 1),
-                                 "decode_tok_s": [round(r, 2) for r in rates], "median": round(statistics.median(rates), 2)}
-        print(label, result["runs"][label], flush=True)
-        del engine
-        gc.collect()
+        engines[label] = Qwen3VL(path, devices="cpu", max_length=512, max_batch_size=1)
+        result["runs"][label] = {"encoding": engines[label].pipeline_config.model.quantization_encoding,
+                                 "load_s": round(time.perf_counter() - t0, 1), "decode_tok_s": []}
+        engines[label].generate([PROMPT], max_new_tokens=4, ignore_eos=True)  # warm-up
+    gc.collect()
+    for _ in range(args.repeats):  # interleaved rounds: both engines see the same machine state
+        for label, engine in engines.items():
+            result["runs"][label]["decode_tok_s"].append(round(decode_tokens_per_second(engine, args.new_tokens), 2))
+    for run in result["runs"].values():
+        run["median"] = statistics.median(run["decode_tok_s"])
+    result["bf16_over_f32"] = round(result["runs"]["bfloat16 weights"]["median"]
+                                    / result["runs"]["float32 weights"]["median"], 2)
     print(json.dumps(result, indent=2))
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -299,13 +299,17 @@ def decode_floors(args: argparse.Namespace, config: dict[str, Any], encoding: st
     """Per contender, the weights one decode step reads (batch 1 and batch N) over the run's bandwidth."""
     floors: dict[str, Any] = {}
     dtype_bytes = 4 if encoding == "float32" else 2
+    # Ours keeps a bfloat16 checkpoint's text matrices bfloat16 under float32 compute on CPU.
+    stored = config.get("torch_dtype") or config.get("dtype") or config.get("text_config", {}).get("dtype")
+    ours_bytes = 2 if stored == "bfloat16" and not is_gpu(args.devices) else dtype_bytes
     for name in metrics:
         if name.startswith("llama:"):
             c = next(c for c in llama_contenders if c.name == name)
             counts = {key: floor.gguf_active_bytes(c.text_gguf, config, b, c.llama.source_dir / "gguf-py")
                       for key, b in (("b1", 1), ("bN", args.batch))}
         else:
-            counts = {key: floor.active_bytes(config, dtype_bytes, b) for key, b in (("b1", 1), ("bN", args.batch))}
+            per_param = ours_bytes if name == "ours" else dtype_bytes
+            counts = {key: floor.active_bytes(config, per_param, b) for key, b in (("b1", 1), ("bN", args.batch))}
         floors[name] = {key: {**ab, **floor.floor_at(ab["bytes"], ab["batch"], gb_s)} for key, ab in counts.items()}
     return floors
 
