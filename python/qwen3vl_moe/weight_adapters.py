@@ -171,7 +171,7 @@ class _Fp8Weights:
         scale_data = scale.data()
         if scale_data.dtype != DType.float32:
             scale_data = scale_data.astype(DType.float32)
-        values = Buffer.from_dlpack(scale_data.data).to_numpy()
+        values = _numpy(scale_data)
         shape = [int(d) for d in data.shape]
         want = [*shape[:-2], *(-(-n // b) for n, b in zip(shape[-2:], self.block))]
         if list(values.shape) != want:
@@ -190,10 +190,8 @@ class _Fp8Weights:
         scale = self._scale(name, data)
         if scale is None:
             return WeightData.from_numpy(np.zeros(shape, np.float32), name)
-        buffer = Buffer.from_dlpack(data.data)
-        bits = buffer.view(DType.uint8, buffer.shape).to_numpy()
         self.dequantized += 1
-        return WeightData.from_numpy(dequantize_blockwise(bits, scale, self.block), name)
+        return WeightData.from_numpy(dequantize_blockwise(_uint8(data), scale, self.block), name)
 
     def keep(self, name: str, data: WeightData, scale_name: str) -> WeightData | None:
         """On a GPU: the float32 scales of a float8 tensor kept as it is, or None (then dequantize).
