@@ -73,7 +73,9 @@ _RAW_TEMPLATE = "{%- for message in messages %}{{ message['content'] }}{%- endfo
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("QWEN3VL_MOE_CACHE") or "~/.cache/qwen3vl_moe").expanduser() / "llama.cpp"
+    from qwen3vl_moe.cache import cache_root as package_cache_root
+
+    return package_cache_root() / "llama.cpp"
 
 
 def _run(cmd: list[str], log: Path, **kwargs: Any) -> None:

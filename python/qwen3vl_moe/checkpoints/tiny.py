@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..cache import cache_root
 from .layout import TensorSpec, checkpoint_layout
 
 __all__ = [
@@ -791,8 +792,7 @@ def write_tiny_checkpoint(
 
 def default_cache_dir() -> Path:
     """``$QWEN3VL_MOE_CACHE/checkpoints``, else ``~/.cache/qwen3vl_moe/checkpoints``."""
-    root = os.environ.get("QWEN3VL_MOE_CACHE") or "~/.cache/qwen3vl_moe"
-    return Path(root).expanduser() / "checkpoints"
+    return cache_root() / "checkpoints"
 
 
 def cached_directory(final: Path, write: Callable[[Path], object]) -> Path:

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..cache import cache_root
+
 logger = logging.getLogger("max.pipelines.qwen3vl_moe")
 
 # The distributions whose release decides what a built package is: its bytes
@@ -56,8 +58,7 @@ def kernel_package(name: str) -> Path:
 
 def kernel_cache_dir() -> Path:
     """Where built packages are kept: ``$QWEN3VL_MOE_CACHE/kernels`` (default ``~/.cache/qwen3vl_moe/kernels``)."""
-    root = os.environ.get("QWEN3VL_MOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen3vl_moe")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _toolchain_versions() -> str:
