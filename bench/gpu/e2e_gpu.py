@@ -90,42 +90,6 @@ LOGIT_TEXT = "Describe the image."
 # Checkpoint
 
 
-class BF16Bits:
-    """bfloat16 values as uint16 bit patterns, in the form the tiny writer stores as ``BF16``.
-
-    ``checkpoints.tiny``'s safetensors writer takes the dtype code from
-    ``array.dtype.name`` and the bytes from ``np.ascontiguousarray(array)``;
-    an ml_dtypes bfloat16 array has the name but its buffer cannot be
-    exported ("cannot include dtype 'E' in a buffer"), so this carries the
-    name and hands over the uint16 bits.
-    """
-
-    class dtype:  # noqa: N801  (mimics ndarray.dtype)
-        name = "bfloat16"
-
-    def __init__(self, bits: Any) -> None:
-        self.bits = bits
-        self.shape = bits.shape
-        self.nbytes = bits.nbytes
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
-        return self.bits
-
-
-def bf16_cast(name: str, array: Any) -> list[tuple[str, Any]]:
-    """The tiny writer's ``transform``: a float32 draw rounded to bfloat16 (checkpoints.convert's rounding)."""
-    import numpy as np
-
-    from qwen3vl_moe.checkpoints.convert import float32_to_bf16_bits
-
-    # in 16M-element chunks: the rounding's temporaries stay small next to a 1.6 GB expert tensor
-    bits = np.empty(array.shape, dtype=np.uint16)
-    src, dst = array.reshape(-1), bits.reshape(-1)
-    for i in range(0, src.size, 1 << 24):
-        dst[i:i + (1 << 24)] = float32_to_bf16_bits(src[i:i + (1 << 24)])
-    return [(name, BF16Bits(bits))]
-
-
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
     """30B-A3B's dimensions cut to the asked depths (dry run: the tiny moe preset)."""
     if args.dry_run:
@@ -148,12 +112,12 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def write_checkpoint(config: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
     """bfloat16 checkpoint of ``config`` in ``out``: the tiny writer's seeded draws, rounded as torch rounds."""
-    from qwen3vl_moe.checkpoints.tiny import write_checkpoint_from_config
+    from qwen3vl_moe.checkpoints.tiny import bfloat16_draw, write_checkpoint_from_config
 
     t = time.perf_counter()
     config = {**config, "torch_dtype": "bfloat16"}
     config["text_config"] = {**config["text_config"], "dtype": "bfloat16"}
-    write_checkpoint_from_config(out, config, seed, transform=bf16_cast, max_shard_bytes=1 << 30)
+    write_checkpoint_from_config(out, config, seed, transform=bfloat16_draw, max_shard_bytes=1 << 30)
     how = "checkpoints.tiny.write_checkpoint_from_config, each draw rounded to bfloat16 while writing"
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return {"path": str(out), "bytes": size, "write_s": time.perf_counter() - t, "how": how, "seed": seed}

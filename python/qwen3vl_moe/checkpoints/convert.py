@@ -4,11 +4,7 @@ The published Qwen3-VL weights are bfloat16 (and float8_e4m3fn in the -FP8
 releases), while the tiny checkpoints are written in float32. This module
 rewrites any checkpoint directory tensor by tensor, keeping its shard files,
 index and every other file, so the copies exercise the same loading paths a
-real release does.
-
-numpy has no bfloat16 or float8 dtype, so the safetensors files are read and
-written here directly (8-byte header length, JSON header, raw little-endian
-bytes) with bfloat16 carried as uint16 bit patterns and float8 as uint8.
+real release does. Files are read and written by :mod:`.safetensors_io`.
 """
 
 from __future__ import annotations
@@ -17,111 +13,21 @@ import argparse
 import json
 import os
 import shutil
-import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from .safetensors_io import RawTensor, float32_to_bf16_bits, read_safetensors, write_safetensors
 from .tiny import cached_directory
 
 __all__ = [
-    "RawTensor",
-    "bf16_bits_to_float32",
     "bfloat16_checkpoint",
     "cached_conversion",
-    "float32_to_bf16_bits",
-    "read_safetensors",
     "rewrite_checkpoint",
+    "set_declared_dtype",
+    "to_bfloat16",
     "write_bfloat16_checkpoint",
-    "write_safetensors",
 ]
-
-# safetensors dtype tag -> numpy storage dtype (bit patterns for the types numpy lacks).
-_STORAGE = {
-    "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-    "F8_E4M3": np.dtype("u1"), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-}
-_NUMPY_TAG = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64",
-              np.dtype("<i4"): "I32", np.dtype("?"): "BOOL"}
-
-
-@dataclass(frozen=True)
-class RawTensor:
-    """A safetensors tensor: its dtype tag and its data in numpy storage form."""
-
-    dtype: str
-    data: np.ndarray
-
-    @classmethod
-    def of(cls, array: np.ndarray) -> RawTensor:
-        """A tensor of a numpy-native dtype (float32, float16, ints, bool)."""
-        array = np.ascontiguousarray(array)
-        return cls(_NUMPY_TAG[array.dtype], array)
-
-    def float32(self) -> np.ndarray:
-        """The values as float32 (bfloat16 exactly; float8 is fp8.py's to decode)."""
-        if self.dtype == "BF16":
-            return bf16_bits_to_float32(self.data)
-        if self.dtype in ("F32", "F16"):
-            return self.data.astype(np.float32)
-        raise TypeError(f"no float32 view of a {self.dtype} tensor here")
-
-
-def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor], dict[str, str]]:
-    """All tensors of one safetensors file, and its ``__metadata__``."""
-    blob = Path(path).read_bytes()
-    (header_len,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + header_len])
-    metadata = header.pop("__metadata__", {}) or {}
-    base = 8 + header_len
-    tensors = {}
-    for name, info in header.items():
-        storage = _STORAGE.get(info["dtype"])
-        if storage is None:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not handle")
-        begin, end = info["data_offsets"]
-        data = np.frombuffer(blob, dtype=storage, count=(end - begin) // storage.itemsize, offset=base + begin)
-        tensors[name] = RawTensor(info["dtype"], data.reshape(info["shape"]))
-    return tensors, metadata
-
-
-def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, RawTensor],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Writes ``tensors`` (sorted by name, as safetensors does) with an 8-byte aligned header."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    names = sorted(tensors)
-    for name in names:
-        t = tensors[name]
-        header[name] = {"dtype": t.dtype, "shape": list(t.data.shape), "data_offsets": [offset, offset + t.data.nbytes]}
-        offset += t.data.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for name in names:
-            f.write(np.ascontiguousarray(tensors[name].data).tobytes())
-
-
-def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """Rounds float32 to bfloat16 (nearest, ties to even, as torch's cast), as uint16 bits."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    out = (rounded >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(x)
-    out[nan] = ((bits[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)  # stays a (quiet) NaN
-    return out
-
-
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns to the float32 values they hold (exact)."""
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
-
 
 # ---------------------------------------------------------------------------
 # Rewriting a checkpoint directory
@@ -136,7 +42,7 @@ def _shards(src: Path) -> list[str]:
     return sorted(p.name for p in src.glob("*.safetensors"))
 
 
-def _set_dtype(config: dict[str, Any], dtype: str) -> None:
+def set_declared_dtype(config: dict[str, Any], dtype: str) -> None:
     """Sets the config's declared dtype, as the releases declare it, at every level that has one."""
     config["torch_dtype"] = dtype
     for key in ("dtype",):
@@ -175,7 +81,7 @@ def rewrite_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         if item.is_file():
             shutil.copyfile(item, dst / item.name)
     config = json.loads((src / "config.json").read_text())
-    _set_dtype(config, dtype)
+    set_declared_dtype(config, dtype)
     config.update(config_update or {})
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if (src / "model.safetensors.index.json").is_file():

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .convert import RawTensor, cached_conversion, rewrite_checkpoint, to_bfloat16
+from .convert import cached_conversion, rewrite_checkpoint, to_bfloat16
+from .safetensors_io import RawTensor
 
 __all__ = [
     "E4M3_MAX",

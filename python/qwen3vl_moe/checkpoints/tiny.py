@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -34,6 +33,7 @@ import numpy as np
 
 from ..cache import cache_root
 from .layout import TensorSpec, checkpoint_layout
+from .safetensors_io import RawTensor, float32_to_bf16_bits, write_safetensors
 
 __all__ = [
     "FORMAT_VERSION",
@@ -41,6 +41,7 @@ __all__ = [
     "PRESETS",
     "TEMPLATE_PLACEMENTS",
     "Preset",
+    "bfloat16_draw",
     "build_model",
     "cached_directory",
     "default_cache_dir",
@@ -637,64 +638,37 @@ def unit_scale_weights(config: Mapping[str, Any], seed: int) -> Iterator[tuple[s
         yield name, unit_scale_tensor(spec, seed, tied_embedding=tied_embedding)
 
 
-# safetensors dtype codes by numpy dtype name (ml_dtypes names for bf16/fp8).
-_SAFETENSORS_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-}
-
-
-def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
-    """One safetensors file, tensors in name order, streamed (no second copy in memory)."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    names = sorted(tensors)
-    for name in names:
-        array = tensors[name]
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[array.dtype.name],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
-        }
-        offset += array.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for name in names:
-            f.write(np.ascontiguousarray(tensors[name]).data)
-
-
 def write_sharded_safetensors(
     out_dir: str | os.PathLike[str],
-    tensors: Iterable[tuple[str, np.ndarray]],
+    tensors: Iterable[tuple[str, np.ndarray | RawTensor]],
     max_shard_bytes: int,
 ) -> list[str]:
     """Write ``tensors`` as the hub does: ``model-0000k-of-0000n.safetensors`` + index.
 
-    Tensors are taken in order and a shard is closed before it would exceed
+    Tensors (numpy arrays, or :class:`RawTensor` for bfloat16 and float8) are
+    taken in order and a shard is closed before it would exceed
     ``max_shard_bytes`` (a larger tensor gets a shard of its own), so at most
     one shard is held in memory. Returns the shard file names.
     """
     out = Path(out_dir)
-    shard: dict[str, np.ndarray] = {}
+    shard: dict[str, RawTensor] = {}
     shard_bytes = total = 0
     written: list[str] = []  # temporary names, renamed once the shard count is known
     shard_of: dict[str, int] = {}
 
     def flush() -> None:
         written.append(f".shard-{len(written):05d}.tmp")
-        _write_safetensors(out / written[-1], shard)
+        write_safetensors(out / written[-1], shard, {"format": "pt"})
 
     for name, array in tensors:
-        if shard and shard_bytes + array.nbytes > max_shard_bytes:
+        tensor = array if isinstance(array, RawTensor) else RawTensor.of(array)
+        nbytes = tensor.data.nbytes
+        if shard and shard_bytes + nbytes > max_shard_bytes:
             flush()
             shard, shard_bytes = {}, 0
-        shard[name] = array
-        shard_bytes += array.nbytes
-        total += array.nbytes
+        shard[name] = tensor
+        shard_bytes += nbytes
+        total += nbytes
         shard_of[name] = len(written)
     flush()
     files = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
@@ -734,7 +708,7 @@ def write_checkpoint_from_config(
     *,
     chat_template: TemplatePlacement = "all",
     max_shard_bytes: int | None = None,
-    transform: Callable[[str, np.ndarray], Iterable[tuple[str, np.ndarray]]] | None = None,
+    transform: Callable[[str, np.ndarray], Iterable[tuple[str, np.ndarray | RawTensor]]] | None = None,
 ) -> Path:
     """Write a checkpoint for an arbitrary Qwen3-VL ``config`` (the ``config.json`` dict).
 
@@ -747,7 +721,7 @@ def write_checkpoint_from_config(
         chat_template: Where the chat template goes (``all`` writes every place).
         max_shard_bytes: Shard size limit; default: a third of the checkpoint.
         transform: Maps each drawn (name, float32 array) to the tensors to store
-            instead (e.g. a bf16 cast, or an FP8 weight plus its scales).
+            instead (e.g. :func:`bfloat16_draw`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -762,6 +736,11 @@ def write_checkpoint_from_config(
         out, tensors, max_shard_bytes if max_shard_bytes is not None else default_shard_bytes(config)
     )
     return out
+
+
+def bfloat16_draw(name: str, array: np.ndarray) -> list[tuple[str, RawTensor]]:
+    """A ``transform`` that stores each float32 draw rounded to bfloat16, as the releases store weights."""
+    return [(name, RawTensor("BF16", float32_to_bf16_bits(array)))]
 
 
 def token_ids() -> dict[str, int]:
