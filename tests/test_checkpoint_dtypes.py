@@ -18,7 +18,12 @@ import pytest
 import torch
 from max.dtype import DType
 
-from reference import assert_close_to_reference, reference_greedy, reference_logits
+from reference import (
+    assert_close_to_reference,
+    compute_in_float32_layer_by_layer,
+    reference_greedy,
+    reference_logits,
+)
 from qwen3vl_moe.checkpoints.convert import bfloat16_checkpoint
 from qwen3vl_moe.checkpoints.safetensors_io import bf16_bits_to_float32, float32_to_bf16_bits, read_safetensors
 from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
@@ -71,6 +76,20 @@ def reference(checkpoint):
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def test_layer_by_layer_float32_equals_loading_in_float32(checkpoint, reference, tmp_path):
+    """The 235B-A22B test's reference (bfloat16 load, one layer in float32 at a time) is transformers' float32 model."""
+    from transformers import AutoModelForImageTextToText
+
+    bf16 = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    layers = bf16.model.language_model.layers
+    compute_in_float32_layer_by_layer(bf16, layers, tmp_path)
+    for ids in (list(range(3, 40)), [7]):  # twice: each layer is read back for every forward
+        np.testing.assert_array_equal(reference_logits(bf16, ids), reference_logits(reference, ids))
+    assert {p.device.type for p in layers.parameters()} == {"meta"}  # dropped after the forward
+    outside = {p.dtype for n, p in bf16.named_parameters() if ".language_model.layers." not in n}
+    assert outside == {torch.float32}
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ to 2 text and 2 vision layers, remaps its deepstack indexes onto those 2
 vision layers and, where the test needs the memory, shrinks the vocabulary to
 the tiny tokenizer's; every other dimension is the release's.
 :func:`published_checkpoint` writes (and caches) that config with seeded
-unit-scale weights.
+unit-scale weights, in float32, or rounded to bfloat16 where a release's cut
+is too large for two float32 engines one after the other (235B-A22B).
 
 Where the values come from (docs/published_shapes.md has the table): no copy of
 Qwen's own ``config.json`` files was reachable; each model's values are read
@@ -26,13 +27,14 @@ from typing import Any
 from .layout import checkpoint_layout
 from .tiny import (
     FORMAT_VERSION,
+    bfloat16_draw,
     cached_directory,
     default_cache_dir,
     token_ids,
     write_checkpoint_from_config,
 )
 
-__all__ = ["PUBLISHED", "PublishedModel", "float32_bytes", "published_checkpoint", "published_config"]
+__all__ = ["PUBLISHED", "PublishedModel", "published_checkpoint", "published_config", "stored_bytes"]
 
 _MROPE = {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"}
 
@@ -65,6 +67,9 @@ class PublishedModel:
     source: str
     # The test keeps the published vocabulary unless this says why it cannot.
     small_vocab_reason: str | None = None
+    # The test writes float32 weights unless this says why they are stored in
+    # bfloat16 (as every release stores them) instead.
+    bfloat16_reason: str | None = None
     moe: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,7 +88,7 @@ def _dense(repo: str, *, hidden: int, intermediate: int, layers: int, heads: int
 
 
 def _moe(repo: str, *, hidden: int, intermediate: int, moe_intermediate: int, layers: int, heads: int,
-         source: str, small_vocab_reason: str) -> PublishedModel:
+         source: str, small_vocab_reason: str, bfloat16_reason: str | None = None) -> PublishedModel:
     return PublishedModel(
         repo, "Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe", False,
         {**_TEXT_COMMON, "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
@@ -91,7 +96,7 @@ def _moe(repo: str, *, hidden: int, intermediate: int, moe_intermediate: int, la
          "moe_intermediate_size": moe_intermediate, "norm_topk_prob": True, "num_experts": 128,
          "num_experts_per_tok": 8},
         {**_VISION_COMMON, **_VISION_LARGE, "out_hidden_size": hidden},
-        source, small_vocab_reason,
+        source, small_vocab_reason, bfloat16_reason,
     )
 
 
@@ -133,6 +138,9 @@ PUBLISHED: dict[str, PublishedModel] = {
         "num_experts)",
         small_vocab_reason=_EXPERTS_MEMORY.format(gib=2 * 128 * 3 * 4096 * 1536 * 4 / 2**30, hidden=4096,
                                                    emb=2 * 151936 * 4096 * 4 / 2**30),
+        bfloat16_reason="in float32 the two layers' experts (18 GiB) cannot be held by two engines, one after "
+        "the other, on a 24 GiB machine; in bfloat16 they are 9 GiB, this package computes in float32 from "
+        "them, and the transformers reference holds one decoder layer at a time, in float32",
     ),
 }
 
@@ -153,8 +161,9 @@ def published_config(name: str) -> dict[str, Any]:
     """The ``config.json`` of the cut release ``name`` (see :data:`PUBLISHED`)."""
     model = PUBLISHED[name]
     ids = token_ids()
+    dtype = "float32" if model.bfloat16_reason is None else "bfloat16"
     text = {**model.text, "model_type": f"{model.model_type}_text", "num_hidden_layers": TEST_TEXT_LAYERS,
-            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "dtype": "float32"}
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "dtype": dtype}
     if model.small_vocab_reason is not None:
         text["vocab_size"] = max(ids.values()) + 1
     vision = {**model.vision, "model_type": model.model_type, "depth": TEST_VISION_LAYERS,
@@ -162,6 +171,7 @@ def published_config(name: str) -> dict[str, Any]:
                                                            model.vision["depth"], TEST_VISION_LAYERS)}
     return {
         "architectures": [model.architecture],
+        **({"torch_dtype": dtype} if dtype != "float32" else {}),
         "image_token_id": ids["<|image_pad|>"],
         "model_type": model.model_type,
         "text_config": text,
@@ -173,14 +183,21 @@ def published_config(name: str) -> dict[str, Any]:
     }
 
 
-def float32_bytes(config: Mapping[str, Any]) -> int:
-    """Bytes of every tensor of ``config``'s checkpoint in float32."""
-    return sum(4 * math.prod(spec.shape) for spec in checkpoint_layout(config).values())
+def stored_bytes(config: Mapping[str, Any]) -> int:
+    """Bytes of ``config``'s checkpoint as :func:`published_checkpoint` stores it (its declared dtype)."""
+    itemsize = 2 if config["text_config"]["dtype"] == "bfloat16" else 4
+    return sum(itemsize * math.prod(spec.shape) for spec in checkpoint_layout(config).values())
 
 
 def published_checkpoint(name: str, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The cached checkpoint ``<cache>/published-<name>-s<seed>-v<FORMAT_VERSION>``."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     config = published_config(name)
-    return cached_directory(root / f"published-{name}-s{seed}-v{FORMAT_VERSION}",
-                            lambda tmp: write_checkpoint_from_config(tmp, config, seed))
+    if config["text_config"]["dtype"] == "float32":
+        return cached_directory(root / f"published-{name}-s{seed}-v{FORMAT_VERSION}",
+                                lambda tmp: write_checkpoint_from_config(tmp, config, seed))
+    # Shards of 2 GiB: the writer then holds one expert tensor's float32 draw, its
+    # bfloat16 copy and at most one other shard at a time.
+    return cached_directory(root / f"published-{name}-bf16-s{seed}-v{FORMAT_VERSION}",
+                            lambda tmp: write_checkpoint_from_config(tmp, config, seed, transform=bfloat16_draw,
+                                                                     max_shard_bytes=2 << 30))
