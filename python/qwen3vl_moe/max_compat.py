@@ -198,13 +198,14 @@ class GroupMemberSpec(GraphSpec):
 # MAX's CPU worker threads, by name.
 #
 # MAX 26.7's CPU runtime names its worker threads "Thread0", "Thread1", ...
-# (one per core); cpu_threads lowers their priority by that name, since MAX
-# offers no working knob for their busy-wait (``MODULAR_THREAD_BUSY_WAIT_US``
-# and ``InferenceSession(num_threads=...)`` abort).
+# (one per core, the number being the worker's index); cpu_threads sets their
+# priority and pins them to cores by that name, since MAX offers no working
+# knob for their busy-wait (``MODULAR_THREAD_BUSY_WAIT_US`` and
+# ``InferenceSession(num_threads=...)`` abort).
 
 import re  # noqa: E402
 
-MAX_CPU_WORKER_THREAD_NAME = re.compile(r"Thread\d+$")
+MAX_CPU_WORKER_THREAD_NAME = re.compile(r"Thread(\d+)$")
 
 
 # ---------------------------------------------------------------------------

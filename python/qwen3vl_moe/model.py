@@ -26,7 +26,7 @@ from max.nn.layer import Module
 from max.pipelines.lib import ModelInputs, ModelOutputs
 from max.pipelines.lib.graph_specs import GraphRole, GraphSpec
 
-from .cpu_threads import lower_cpu_worker_priority
+from .cpu_threads import place_cpu_workers
 from .kernels import kernel_extension
 from .max_compat import (
     BuiltinQwen3VLModel,
@@ -99,8 +99,9 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
         super().__init__(*args, **kwargs)
         if all(device.is_host for device in self.devices):
             # MAX's spinning CPU workers otherwise steal time slices from the
-            # thread that drives each step (see cpu_threads).
-            lower_cpu_worker_priority()
+            # thread that drives each step, and stack on one core beside an
+            # outside busy process (see cpu_threads).
+            place_cpu_workers()
 
     @cached_property
     def signal_buffers(self) -> list[Buffer]:
