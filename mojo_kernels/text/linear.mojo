@@ -28,13 +28,16 @@ def _matmul_converted[
     ctx: DeviceContext,
 ) raises:
     """y = x @ W^T with W converted to dtype CONVERT_ROWS rows at a time (exact for
-    bfloat16 -> float32), each block through MAX's matmul into y's columns."""
+    bfloat16 -> float32), each block through MAX's matmul into y's columns. The
+    scratch blocks are left uninitialised (every element is written before it is
+    read) and a block's result is scattered into y by all workers, row by row."""
     var rows = min(N, CONVERT_ROWS)
-    var wc = List[Scalar[dtype]](length=rows * K, fill=0)
-    var yc = List[Scalar[dtype]](length=M * rows if rows < N else 0, fill=0)
+    var wc = List[Scalar[dtype]](unsafe_uninit_length=rows * K)
+    var yc = List[Scalar[dtype]](unsafe_uninit_length=M * rows if rows < N else 0)
     var wp = wc.unsafe_ptr().as_unsafe_any_origin()
     var yp = yc.unsafe_ptr().as_unsafe_any_origin()
     comptime CHUNK = 16384   # elements converted per task
+    comptime VEC = 16        # elements per vector copy when scattering a block's rows
     var xt = TileTensor(x, row_major((M, K)))
     for n0 in range(0, N, rows):
         var nb = min(rows, N - n0)
@@ -51,9 +54,18 @@ def _matmul_converted[
             matmul[transpose_b=True, target="cpu"](TileTensor(y, row_major((M, N))), xt, wt, ctx)
         else:
             matmul[transpose_b=True, target="cpu"](TileTensor(yp, row_major((M, nb))), xt, wt, ctx)
-            for m in range(M):
-                for j in range(nb):
-                    y[unsafe_offset=m * N + n0 + j] = yp[unsafe_offset=m * nb + j]
+
+            def scatter(m: Int, wk: Int) {var y, var yp, var nb, var n0, var N}:
+                var dst = y.unsafe_offset(m * N + n0)
+                var row = yp.unsafe_offset(m * nb)
+                var j = 0
+                while j + VEC <= nb:
+                    dst.unsafe_store(j, row.unsafe_load[width=VEC](j))
+                    j += VEC
+                for t in range(j, nb):
+                    dst[unsafe_offset=t] = row[unsafe_offset=t]
+
+            run_dynamic(scatter, M)
     _ = wc^
     _ = yc^
 
