@@ -289,3 +289,58 @@ def test_cli_prints_the_problems_and_exits_2(broken, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"qwen3vl-moe generate: {broken} is not a loadable Qwen3-VL checkpoint (1 problem)")
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------
+# Experts stored per expert (Qwen's FP8 releases, llm-compressor)
+
+EXPERT = "model.language_model.layers.0.mlp.experts."
+
+
+@pytest.fixture(scope="module")
+def good_per_expert(tmp_path_factory) -> Path:
+    return tiny.write_tiny_checkpoint(
+        tmp_path_factory.mktemp("good") / "moe-per-expert", "moe", SEED, expert_storage="per_expert"
+    )
+
+
+def _rename(path: Path, before: str, after: str, shape: list[int] | None = None) -> None:
+    """Renames a tensor (same bytes; another shape if given) in its shard and the index."""
+    def edit(header):
+        header[after] = header.pop(before)
+        if shape is not None:
+            header[after]["shape"] = shape
+
+    _rewrite_header(_shard_of(path, before), edit)
+    index = _index(path)
+    index["weight_map"][after] = index["weight_map"].pop(before)
+    (path / INDEX).write_text(json.dumps(index))
+
+
+def test_per_expert_experts_are_accepted(good_per_expert):
+    assert f"{EXPERT}7.up_proj.weight" in _index(good_per_expert)["weight_map"]
+    assert not any(t.endswith("gate_up_proj") for t in _index(good_per_expert)["weight_map"])
+    assert checkpoint_problems(good_per_expert) == []
+
+
+def test_broken_per_expert_experts_are_named(good_per_expert, tmp_path):
+    broken = Path(shutil.copytree(good_per_expert, tmp_path / "broken"))
+    _rename(broken, f"{EXPERT}5.up_proj.weight", f"{EXPERT}8.up_proj.weight")  # E = 8: no expert 8
+    _rename(broken, f"{EXPERT}2.down_proj.weight", f"{EXPERT}2.down_proj.weight", shape=[48, 64])
+    problems = checkpoint_problems(broken)
+    assert sorted(problems) == sorted([
+        f"missing tensor {EXPERT}5.up_proj.weight (shape [48, 64]): in no *.safetensors file",
+        f"tensor {EXPERT}2.down_proj.weight has shape [48, 64] but config.json implies [64, 48] "
+        "(dim 0 = text_config.hidden_size = 64; dim 1 = text_config.moe_intermediate_size = 48)",
+        f"unexpected tensor {EXPERT}8.up_proj.weight (shape [48, 64]) in {_index(broken)['weight_map'][f'{EXPERT}8.up_proj.weight']}: "
+        "config.json implies no such tensor",
+    ])
+
+
+def test_a_layer_with_both_expert_storages_is_refused(broken):
+    """One problem naming both storages, not a missing/unexpected line per tensor."""
+    _rename(broken, f"{EXPERT}down_proj", f"{EXPERT}0.down_proj.weight")
+    assert checkpoint_problems(broken) == [
+        f"layer 0 stores its experts both fused ({EXPERT}gate_up_proj) and per expert "
+        f"({EXPERT}0.down_proj.weight): a checkpoint holds each layer's experts one way or the other"
+    ]

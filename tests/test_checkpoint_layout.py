@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 from qwen3vl_moe.checkpoints import tiny
-from qwen3vl_moe.checkpoints.layout import checkpoint_layout, is_moe_layer
+from qwen3vl_moe.checkpoints.layout import checkpoint_layout, expert_storage_of, is_moe_layer
 
 
 def _variants() -> dict[str, dict]:
@@ -92,3 +92,29 @@ def test_transformers_config_object_gives_the_same_layout():
     config = VARIANTS["moe-sparse2"]
     hf = transformers.Qwen3VLMoeConfig.from_dict(copy.deepcopy(config))
     assert checkpoint_layout(hf) == checkpoint_layout(config)
+
+
+@pytest.mark.parametrize("name", ["moe", "moe-sparse2", "moe-implicit"])
+def test_per_expert_storage_lists_each_experts_linear_weights(name):
+    """Per expert: nn.Linear weights gate/up [I, H] and down [H, I] in place of the two fused tensors."""
+    config = VARIANTS[name]
+    fused = checkpoint_layout(config)
+    per_expert = checkpoint_layout(config, expert_storage="per_expert")
+    E, H, I2 = config["text_config"]["num_experts"], config["text_config"]["hidden_size"], 2 * config["text_config"]["moe_intermediate_size"]
+    sparse = [i for i in range(config["text_config"]["num_hidden_layers"]) if is_moe_layer(config, i)]
+    fused_experts = {n for n in fused if expert_storage_of(n) is not None}
+    assert fused_experts == {f"model.language_model.layers.{i}.mlp.experts.{p}" for i in sparse for p in ("gate_up_proj", "down_proj")}
+    assert {n: s for n, s in fused.items() if n not in fused_experts} == {n: s for n, s in per_expert.items() if expert_storage_of(n) is None}
+    for i in sparse:
+        for e in range(E):
+            p = f"model.language_model.layers.{i}.mlp.experts.{e}."
+            assert expert_storage_of(p + "up_proj.weight") == (i, "per_expert")
+            assert per_expert[p + "gate_proj.weight"].shape == per_expert[p + "up_proj.weight"].shape == (I2 // 2, H)
+            assert per_expert[p + "down_proj.weight"].shape == (H, I2 // 2)
+    down = per_expert[f"model.language_model.layers.{sparse[0]}.mlp.experts.0.down_proj.weight"]
+    assert [d.source for d in down.dims] == ["text_config.hidden_size", "text_config.moe_intermediate_size"]
+    assert down.fan_in == I2 // 2
+    # By layer: only the layers named are per expert.
+    one = checkpoint_layout(config, expert_storage={sparse[-1]: "per_expert"})
+    assert {expert_storage_of(n) for n in one if expert_storage_of(n) is not None} == {
+        *((i, "fused") for i in sparse[:-1]), (sparse[-1], "per_expert")}

@@ -20,10 +20,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from max.graph.weights import load_weights
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
+from kernel_harness import hypothesis_settings
 from reference import assert_close_to_reference, reference_greedy, reference_logits
 from qwen3vl_moe.checkpoints.fp8 import (
     _TABLE,
@@ -263,3 +266,93 @@ def test_fp8_prefill_logits_match_dequantized_reference(engine, reference):
 def test_fp8_greedy_matches_dequantized_reference(engine, reference):
     [out] = engine.generate([CONVERSATIONS[1]], max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert out.token_ids == reference_greedy(reference, out.prompt_token_ids, NEW_TOKENS)
+
+
+# ---------------------------------------------------------------------------
+# Experts stored per expert, as Qwen's FP8 releases store them
+
+
+@pytest.fixture(scope="module")
+def per_expert_checkpoint() -> Path:
+    return fp8_checkpoint("moe", expert_storage="per_expert")
+
+
+def test_per_expert_weights_are_quantized_with_their_own_scales(per_expert_checkpoint):
+    from qwen3vl_moe.checkpoints.validate import checkpoint_problems
+
+    tensors = file_tensors(per_expert_checkpoint)
+    expert = "model.language_model.layers.0.mlp.experts.3."
+    for proj, shape in (("gate_proj", (48, 64)), ("up_proj", (48, 64)), ("down_proj", (64, 48))):
+        assert tensors[f"{expert}{proj}.weight"].dtype == torch.float8_e4m3fn
+        assert tuple(tensors[f"{expert}{proj}.weight"].shape) == shape
+        assert tuple(tensors[f"{expert}{proj}.weight_scale_inv"].shape) == (1, 1)
+    assert not any(n.endswith(("gate_up_proj", "down_proj")) for n in tensors)
+    assert checkpoint_problems(per_expert_checkpoint) == []
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_adapter_dequantizes_per_expert_then_merges(per_expert_checkpoint, tmp_path, scale_dtype):
+    """CPU: each expert by the torch formula, then merged as transformers merges Qwen3-MoE
+    experts: gate and up concatenated along the rows, experts stacked. Releases store float32
+    or bfloat16 scales."""
+    from max.dtype import DType
+
+    directory = _broken_copy(per_expert_checkpoint, tmp_path, lambda t: t.update(
+        {k: v.to(scale_dtype) for k, v in t.items() if k.endswith("_scale_inv")}))
+    weights = load_weights(sorted(directory.glob("*.safetensors")))
+    got = convert_qwen3vl_model_state_dict(dict(weights.items()), huggingface_config=AutoConfig.from_pretrained(directory),
+                                           dtype=DType.float32)
+    ref = reference_float32(directory)
+    from qwen3vl_moe.checkpoints.layout import expert_storage_of
+
+    layers = {expert_storage_of(n)[0] for n in ref if expert_storage_of(n)}
+    assert len(layers) > 1
+    for layer in layers:
+        p = f"model.language_model.layers.{layer}.mlp.experts."
+        experts = range(AutoConfig.from_pretrained(directory).text_config.num_experts)
+        gate_up = torch.stack([torch.cat([ref[f"{p}{e}.gate_proj.weight"], ref[f"{p}{e}.up_proj.weight"]]) for e in experts])
+        down = torch.stack([ref[f"{p}{e}.down_proj.weight"] for e in experts])
+        for part, want in (("gate_up_proj", gate_up), ("down_proj", down)):
+            np.testing.assert_array_equal(np.from_dlpack(got[graph_name(p + part)].data), want.numpy())
+    assert not any(".experts.0." in n for n in got)
+
+
+def test_gpu_encoding_merges_float8_bits_and_scales_as_the_fused_release():
+    """float8_e4m3fn (GPU): whole-block per-expert experts stay float8, merged with their block
+    scales into the [E, 2I, H] / [E, H, I] tensors MAX's grouped FP8 matmul takes, bit for bit
+    what the fused FP8 checkpoint of the same draw gives (a 128x128 block never straddles two
+    experts or gate and up when I and H are whole blocks)."""
+    from max.dtype import DType
+    from qwen3vl_moe.checkpoints.fp8 import fp8_blocks_checkpoint
+    from qwen3vl_moe.weight_adapters import _bits
+
+    def convert(directory):
+        weights = load_weights(sorted(directory.glob("*.safetensors")))
+        return convert_qwen3vl_model_state_dict(
+            dict(weights.items()), huggingface_config=AutoConfig.from_pretrained(directory), dtype=DType.float8_e4m3fn)
+
+    fused, per_expert = convert(fp8_blocks_checkpoint()), convert(fp8_blocks_checkpoint(expert_storage="per_expert"))
+    assert set(per_expert) == set(fused)
+    assert per_expert["language_model.layers.0.mlp.experts.gate_up_proj"].dtype == DType.float8_e4m3fn
+    for name, data in fused.items():
+        assert per_expert[name].dtype == data.dtype, name
+        np.testing.assert_array_equal(_bits(per_expert[name]), _bits(data), err_msg=name)
+
+
+@hypothesis_settings()
+@given(experts=st.integers(1, 3), inter=st.sampled_from([128, 256]), hidden=st.sampled_from([128, 384]),
+       seed=st.integers(0, 2**16))
+def test_merged_expert_blocks_equal_the_fused_tensor_quantized(experts, inter, hidden, seed):
+    from qwen3vl_moe.weight_adapters import _merge_gate_up
+
+    rng = np.random.default_rng(seed)
+    gate_up = (rng.standard_normal((experts, 2 * inter, hidden)) * rng.uniform(0.01, 10, (experts, 1, 1))).astype(np.float32)
+    down = rng.standard_normal((experts, hidden, inter)).astype(np.float32)
+    gates = [quantize_blockwise(w[:inter]) for w in gate_up]
+    ups = [quantize_blockwise(w[inter:]) for w in gate_up]
+    for fused, parts in (
+        (quantize_blockwise(gate_up), [_merge_gate_up([g[i] for g in gates], [u[i] for u in ups]) for i in (0, 1)]),
+        (quantize_blockwise(down), [np.stack([quantize_blockwise(w)[i] for w in down]) for i in (0, 1)]),
+    ):
+        np.testing.assert_array_equal(parts[0], fused[0])
+        np.testing.assert_array_equal(parts[1], fused[1])

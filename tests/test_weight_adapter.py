@@ -131,3 +131,61 @@ def test_pipeline_reports_a_wrong_checkpoint_before_compiling(moe_dir, tmp_path)
     save_file(tensors, str(shard))
     with pytest.raises(CheckpointFileError, match=rf"lists model\.language_model\.norm\.weight in {shard.name} but"):
         Qwen3VL(broken, devices="cpu", max_length=128, max_batch_size=1)
+
+
+# ---------------------------------------------------------------------------
+# Experts stored per expert: merged into transformers' fused layout
+
+
+def _converted(directory: Path, **kwargs) -> dict:
+    weights = load_weights(sorted(directory.glob("*.safetensors")))
+    return convert_qwen3vl_model_state_dict(
+        dict(weights.items()), huggingface_config=AutoConfig.from_pretrained(directory), **kwargs
+    )
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
+def test_per_expert_experts_merge_into_the_fused_tensors(storage_dtype):
+    """gate then up along the rows, down stacked: exactly the fused checkpoint's experts in
+    transformers' layout, in the dtype stored (bfloat16 kept under the CPU's float32 rule)."""
+    from max.dtype import DType
+    from qwen3vl_moe.checkpoints.convert import cached_conversion, write_bfloat16_checkpoint
+    from qwen3vl_moe.weight_adapters import _bits
+
+    fused, per_expert = tiny_checkpoint("moe"), tiny_checkpoint("moe", expert_storage="per_expert")
+    kwargs = {}
+    if storage_dtype == "bfloat16":
+        fused, per_expert = (cached_conversion(d, "bf16", write_bfloat16_checkpoint) for d in (fused, per_expert))
+        kwargs = {"dtype": DType.float32, "keep_bfloat16_matrices": True}
+    want, got = _converted(fused, **kwargs), _converted(per_expert, **kwargs)
+    assert set(got) == set(want)
+    assert checkpoint_expert_layout(got, AutoConfig.from_pretrained(per_expert)) == "transformers"
+    for name, data in want.items():
+        expected = _bits(data)
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            expected = expected.transpose(0, 2, 1)  # hub -> transformers
+            assert got[name].dtype == getattr(DType, storage_dtype), name
+        assert got[name].dtype == data.dtype, name
+        np.testing.assert_array_equal(_bits(got[name]), expected, err_msg=name)
+
+
+def test_broken_per_expert_experts_are_named(tmp_path):
+    tensors = load_all(tiny_checkpoint("moe", expert_storage="per_expert"))
+    del tensors[EXPERTS + "5.up_proj.weight"]
+    tensors[EXPERTS + "2.down_proj.weight"] = np.zeros((48, 64), np.float32)
+    with pytest.raises(CheckpointError) as info:
+        convert(tiny_checkpoint("moe", expert_storage="per_expert"), tensors, tmp_path)
+    message = str(info.value)
+    assert f"missing tensor {EXPERTS}5.up_proj.weight (expected shape [48, 64])" in message
+    assert f"tensor {EXPERTS}2.down_proj.weight has shape [48, 64], expected [64, 48]" in message
+
+
+def test_a_layer_with_both_expert_storages_is_refused(moe_dir, tmp_path):
+    tensors = load_all(moe_dir)
+    tensors[EXPERTS + "0.gate_proj.weight"] = np.zeros((48, 64), np.float32)
+    with pytest.raises(CheckpointError) as info:
+        convert(moe_dir, tensors, tmp_path)
+    assert str(info.value).endswith(
+        f"layer 0 stores its experts both fused ({EXPERTS}down_proj) and per expert "
+        f"({EXPERTS}0.gate_proj.weight): a checkpoint holds each layer's experts one way or the other"
+    )

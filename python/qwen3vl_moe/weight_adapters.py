@@ -10,6 +10,13 @@ in-memory layout that ``save_pretrained`` writes (``[E, 2I, H]``,
 ``[E, H, I]``). The layout is read off the shapes against the config's dims;
 when the dims make the two layouts identical (H == 2I or H == I) the
 checkpoint is rejected instead of guessed.
+
+Experts stored per expert (``experts.{e}.gate_proj/up_proj/down_proj.weight``,
+as Qwen's FP8 releases store them) are merged one layer at a time into
+transformers' fused layout, as transformers merges them for Qwen3-MoE: gate
+then up along the rows (``[E, 2I, H]``), down stacked (``[E, H, I]``). Float8
+experts stay float8 on a GPU (bits and block scales merged) where I and H are
+whole 128-blocks; elsewhere each expert is dequantized, then merged.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ from max.graph import Shape
 from max.graph.weights import WeightData, Weights
 
 from .checkpoints.layout import (
+    PER_EXPERT_PROJS,
     ExpertLayout,
     as_config_dict,
     checkpoint_layout,
+    expert_storage_of,
     is_moe_layer,
     text_dims,
 )
@@ -191,7 +200,7 @@ class _Fp8Weights:
         if scale is None:
             return WeightData.from_numpy(np.zeros(shape, np.float32), name)
         self.dequantized += 1
-        return WeightData.from_numpy(dequantize_blockwise(_uint8(data), scale, self.block), name)
+        return WeightData.from_numpy(dequantize_blockwise(_bits(data), scale, self.block), name)
 
     def keep(self, name: str, data: WeightData, scale_name: str) -> WeightData | None:
         """On a GPU: the float32 scales of a float8 tensor kept as it is, or None (then dequantize).
@@ -255,9 +264,11 @@ def convert_qwen3vl_model_state_dict(
     weights: dict[str, WeightData] = {}
     float8: set[str] = set()  # graph names of the float8 tensors kept, and of their scales
     casts: Counter[str] = Counter()
+    per_expert, mixed = _per_expert_layers(state_dict, fp8)
+    merged = {name for tensors in per_expert.values() for name in tensors}
     for checkpoint_name, weight in state_dict.items():
-        if checkpoint_name in fp8.scales:
-            continue  # folded into its weight below
+        if checkpoint_name in fp8.scales or checkpoint_name in merged:
+            continue  # folded into its weight below; per-expert tensors are merged by layer
         name = graph_name(checkpoint_name)
         if tied and name == "language_model.lm_head.weight":
             continue  # tied checkpoints may still carry a copy; the embedding wins
@@ -271,6 +282,9 @@ def convert_qwen3vl_model_state_dict(
                 expected[name + "_scale_inv"] = tuple(int(d) for d in scale.shape)
                 float8 |= {name, name + "_scale_inv"}
         weights[name] = data
+    for layer, tensors in per_expert.items():
+        if layer not in mixed:
+            _merge_per_expert_layer(layer, tensors, huggingface_config, fp8, fp8_gpu, weights, float8, expected)
     kept = _bfloat16_text_matrices(weights) if keep_bfloat16_matrices and dtype == DType.float32 else set()
     for name, data in weights.items():
         if (dtype is not None and data.dtype.is_float() and data.dtype != dtype and name not in kept
@@ -338,6 +352,102 @@ def convert_qwen3vl_model_state_dict(
     return weights
 
 
+def _per_expert_layers(
+    state_dict: Mapping[str, Weights], fp8: _Fp8Weights,
+) -> tuple[dict[int, dict[str, Weights]], set[int]]:
+    """The per-expert tensors (scales aside) of each layer that has them, and the layers that mix storages.
+
+    A layer that also holds fused experts is a problem; its per-expert tensors
+    are then neither merged nor reported again.
+    """
+    layers: dict[int, dict[str, Weights]] = {}
+    fused: dict[int, str] = {}
+    for name, weight in state_dict.items():
+        storage = expert_storage_of(name)
+        if storage is None or name in fp8.scales:
+            continue
+        if storage[1] == "per_expert":
+            layers.setdefault(storage[0], {})[name] = weight
+        else:
+            fused[storage[0]] = min(name, fused.get(storage[0], name))
+    for layer in sorted(set(layers) & set(fused)):
+        fp8.problems.append(
+            f"layer {layer} stores its experts both fused ({fused[layer]}) and per expert "
+            f"({min(layers[layer])}): a checkpoint holds each layer's experts one way or the other"
+        )
+    return layers, set(layers) & set(fused)
+
+
+def _merge_per_expert_layer(
+    layer: int, tensors: Mapping[str, Weights], huggingface_config: Any, fp8: _Fp8Weights, fp8_gpu: bool,
+    weights: dict[str, WeightData], float8: set[str], expected: dict[str, tuple[int, ...]],
+) -> None:
+    """One layer's per-expert weights as transformers' fused ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I].
+
+    Missing, misshapen or extra experts are problems (nothing is merged then).
+    Float8 experts stay float8 with merged block scales where the GPU runs them
+    (``fp8_gpu``, 128x128 blocks, I and H whole blocks), else are dequantized first.
+    """
+    from .nn.fp8 import BLOCK, fp8_block_shape_fits
+
+    p = f"model.language_model.layers.{layer}."
+    specs = {
+        name: spec for name, spec in checkpoint_layout(huggingface_config, expert_storage={layer: "per_expert"}).items()
+        if name.startswith(p + "mlp.experts.")
+    }
+    data = {name: weight.data() for name, weight in tensors.items()}
+    problems = [f"unexpected tensor {n} (shape {[int(d) for d in data[n].shape]})" for n in sorted(set(data) - set(specs))]
+    problems += [f"missing tensor {n} (expected shape {list(spec.shape)})" for n, spec in specs.items() if n not in data]
+    problems += [
+        f"tensor {n} has shape {[int(d) for d in data[n].shape]}, expected {list(spec.shape)}"
+        for n, spec in specs.items() if n in data and tuple(int(d) for d in data[n].shape) != spec.shape
+    ]
+    if not is_moe_layer(as_config_dict(huggingface_config), layer):
+        problems = [f"layer {layer} stores experts ({min(data)}) but the config makes it a dense layer"]
+    if problems:
+        fp8.problems.extend(problems)
+        return
+    E = text_dims(as_config_dict(huggingface_config))["experts"].size
+    names = [[f"{p}mlp.experts.{e}.{proj}.weight" for proj in PER_EXPERT_PROJS] for e in range(E)]
+    I, H = specs[names[0][0]].shape
+    out = f"language_model.layers.{layer}.mlp.experts."
+    if (fp8_gpu and fp8.block == (BLOCK, BLOCK) and fp8_block_shape_fits(I, H)
+            and all(d.dtype == DType.float8_e4m3fn for d in data.values())):
+        scales = {n: fp8._scale(n, d) for n, d in data.items()}
+        if any(s is None for s in scales.values()):
+            return  # each is a problem already
+        fp8.kept += len(data)
+        for part, merged, merged_scale in (
+            ("gate_up_proj", _merge_gate_up([_bits(data[g]) for g, _, _ in names], [_bits(data[u]) for _, u, _ in names]),
+             _merge_gate_up([scales[g] for g, _, _ in names], [scales[u] for _, u, _ in names])),
+            ("down_proj", np.stack([_bits(data[d]) for _, _, d in names]), np.stack([scales[d] for _, _, d in names])),
+        ):
+            weights[out + part] = _from_bits(merged, DType.float8_e4m3fn, out + part)
+            weights[out + part + "_scale_inv"] = WeightData.from_numpy(merged_scale, out + part + "_scale_inv")
+            expected[out + part + "_scale_inv"] = merged_scale.shape
+            float8 |= {out + part, out + part + "_scale_inv"}
+        return
+    for n, d in data.items():
+        if d.dtype == DType.float8_e4m3fn:
+            data[n] = fp8.dequantize(n, d)
+    if len({d.dtype for d in data.values()}) > 1:
+        data = {n: d.astype(DType.float32) for n, d in data.items()}
+    dtype = data[names[0][0]].dtype
+    weights[out + "gate_up_proj"] = _from_bits(
+        _merge_gate_up([_bits(data[g]) for g, _, _ in names], [_bits(data[u]) for _, u, _ in names]),
+        dtype, out + "gate_up_proj")
+    weights[out + "down_proj"] = _from_bits(np.stack([_bits(data[d]) for _, _, d in names]), dtype, out + "down_proj")
+
+
+def _merge_gate_up(gates: list[np.ndarray], ups: list[np.ndarray]) -> np.ndarray:
+    """[E, 2I, H] from E gate and E up [I, H] matrices (or their block scales): gate rows first, as transformers."""
+    merged = np.empty((len(gates), gates[0].shape[0] + ups[0].shape[0], gates[0].shape[1]), gates[0].dtype)
+    for e, (gate, up) in enumerate(zip(gates, ups, strict=True)):
+        merged[e, : gate.shape[0]] = gate
+        merged[e, gate.shape[0]:] = up
+    return merged
+
+
 def _fp8_experts_as_kernels_take_them(
     weights: dict[str, WeightData], float8: set[str], sparse_layers: list[int], layouts: set[ExpertLayout],
 ) -> None:
@@ -355,15 +465,15 @@ def _fp8_experts_as_kernels_take_them(
         if all(n in float8 for n in pair):
             if layouts == {"hub"}:
                 for n in pair:
-                    bits = np.ascontiguousarray(np.swapaxes(_uint8(weights[n]), -1, -2))
+                    bits = np.ascontiguousarray(np.swapaxes(_bits(weights[n]), -1, -2))
                     scale = np.ascontiguousarray(np.swapaxes(_numpy(weights[n + "_scale_inv"]), -1, -2))
-                    weights[n] = _fp8_data(bits, n)
+                    weights[n] = _from_bits(bits, DType.float8_e4m3fn, n)
                     weights[n + "_scale_inv"] = WeightData.from_numpy(scale, n + "_scale_inv")
             continue
         for n in pair:
             if n in float8:
                 scale = _numpy(weights.pop(n + "_scale_inv"))
-                weights[n] = WeightData.from_numpy(dequantize_blockwise(_uint8(weights[n]), scale), n).astype(
+                weights[n] = WeightData.from_numpy(dequantize_blockwise(_bits(weights[n]), scale), n).astype(
                     DType.bfloat16)
                 float8 -= {n, n + "_scale_inv"}
 
@@ -372,17 +482,24 @@ def _numpy(data: WeightData) -> np.ndarray:
     return Buffer.from_dlpack(data.data).to_numpy()
 
 
-def _uint8(data: WeightData) -> np.ndarray:
-    """The bit patterns of a float8 tensor."""
+# numpy has no bfloat16 or float8: such tensors are moved as their bit patterns.
+_BITS = {DType.bfloat16: DType.uint16, DType.float8_e4m3fn: DType.uint8}
+
+
+def _bits(data: WeightData) -> np.ndarray:
+    """A tensor's elements in numpy (bfloat16 and float8 as their bit patterns)."""
     buffer = Buffer.from_dlpack(data.data)
-    return buffer.view(DType.uint8, buffer.shape).to_numpy()
+    if buffer.dtype in _BITS:
+        buffer = buffer.view(_BITS[buffer.dtype], buffer.shape)
+    return buffer.to_numpy()
 
 
-def _fp8_data(bits: np.ndarray, name: str) -> WeightData:
-    """A float8_e4m3fn tensor from its bit patterns (uint8)."""
+def _from_bits(bits: np.ndarray, dtype: DType, name: str) -> WeightData:
+    """A ``dtype`` tensor from what :func:`_bits` gives."""
     buffer = Buffer.from_numpy(bits)
-    buffer = buffer.view(DType.float8_e4m3fn, buffer.shape)
-    return WeightData(data=buffer, name=name, dtype=DType.float8_e4m3fn, shape=Shape(buffer.shape))
+    if dtype in _BITS:
+        buffer = buffer.view(dtype, buffer.shape)
+    return WeightData(data=buffer, name=name, dtype=dtype, shape=Shape(buffer.shape))
 
 
 def _bfloat16_text_matrices(weights: Mapping[str, WeightData]) -> set[str]:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .convert import cached_conversion, rewrite_checkpoint, to_bfloat16
+from .layout import ExpertStorage
 from .safetensors_io import RawTensor
 
 __all__ = [
@@ -169,7 +170,11 @@ def _scale_name(name: str) -> str:
 def write_fp8_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                          modules_to_not_convert: Sequence[str] = TINY_MODULES_TO_NOT_CONVERT,
                          block: Sequence[int] = BLOCK) -> Path:
-    """An FP8 copy of ``src``: linear (and fused expert) weights blockwise float8, the rest bfloat16."""
+    """An FP8 copy of ``src``: linear (and fused expert) weights blockwise float8, the rest bfloat16.
+
+    Per-expert weights are 2-D linear weights like any other: each is quantized
+    with its own ``weight_scale_inv``, as the per-expert releases store them.
+    """
     skip = list(modules_to_not_convert)
 
     def rewrite(tensors: Mapping[str, RawTensor]) -> dict[str, RawTensor]:
@@ -194,11 +199,11 @@ def write_fp8_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str
                               config_update={"quantization_config": quantization_config})
 
 
-def fp8_checkpoint(preset: str = "moe", seed: int = 0) -> Path:
-    """The cached FP8 copy of the tiny checkpoint ``preset``."""
+def fp8_checkpoint(preset: str = "moe", seed: int = 0, expert_storage: ExpertStorage = "fused") -> Path:
+    """The cached FP8 copy of the tiny checkpoint ``preset`` (per-expert experts each get their own scales)."""
     from .tiny import tiny_checkpoint
 
-    return cached_conversion(tiny_checkpoint(preset, seed), "fp8", write_fp8_checkpoint)
+    return cached_conversion(tiny_checkpoint(preset, seed, expert_storage=expert_storage), "fp8", write_fp8_checkpoint)
 
 
 # ---------------------------------------------------------------------------
@@ -234,13 +239,14 @@ def fp8_blocks_config() -> dict[str, Any]:
 BLOCKS_MODULES_TO_NOT_CONVERT = ("lm_head", "model.language_model.embed_tokens", "mlp.gate")
 
 
-def fp8_blocks_checkpoint(seed: int = 0) -> Path:
+def fp8_blocks_checkpoint(seed: int = 0, expert_storage: ExpertStorage = "fused") -> Path:
     """The cached FP8 checkpoint of :func:`fp8_blocks_config` (text matrices float8 in whole blocks)."""
     from .tiny import FORMAT_VERSION, cached_directory, default_cache_dir, write_checkpoint_from_config
 
+    suffix = "-per-expert" if expert_storage == "per_expert" else ""
     source = cached_directory(
-        default_cache_dir() / f"fp8-blocks-s{seed}-v{FORMAT_VERSION}",
-        lambda tmp: write_checkpoint_from_config(tmp, fp8_blocks_config(), seed),
+        default_cache_dir() / f"fp8-blocks-s{seed}-v{FORMAT_VERSION}{suffix}",
+        lambda tmp: write_checkpoint_from_config(tmp, fp8_blocks_config(), seed, expert_storage=expert_storage),
     )
     return cached_conversion(
         source, "fp8",

@@ -8,12 +8,16 @@ checkpoint that disagrees with its config can be told which field to look at
 (``text_config.num_experts``), and the tiny-checkpoint writer draws its weights
 from the same table. Missing fields take transformers' defaults.
 
-Experts are fused per layer; the hub stores ``gate_up_proj`` as [E, H, 2I] and
-``down_proj`` as [E, I, H], transformers holds them transposed in memory.
+Experts are stored fused per layer (the hub stores ``gate_up_proj`` as
+[E, H, 2I] and ``down_proj`` as [E, I, H], transformers holds them transposed
+in memory) or per expert, as nn.Linear weights (``experts.{e}.gate_proj`` /
+``up_proj`` [I, H], ``down_proj`` [H, I]): Qwen's FP8 releases and tools that
+quantize experts one by one (llm-compressor) store them so.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,9 +25,12 @@ from typing import Any, Literal
 __all__ = [
     "Dim",
     "ExpertLayout",
+    "ExpertStorage",
+    "PER_EXPERT_PROJS",
     "TensorSpec",
     "checkpoint_dtype",
     "checkpoint_layout",
+    "expert_storage_of",
     "is_moe_architecture",
     "is_moe_layer",
     "as_config_dict",
@@ -32,6 +39,10 @@ __all__ = [
 ]
 
 ExpertLayout = Literal["hub", "transformers"]
+ExpertStorage = Literal["fused", "per_expert"]
+PER_EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")  # experts.{e}.<proj>.weight
+
+_EXPERT_TENSOR = re.compile(r"model\.language_model\.layers\.(\d+)\.mlp\.experts\.(?:(\d+)\.|gate_up_proj|down_proj)")
 
 # What a tensor is, for whoever needs to know (initialisers, error messages):
 # linear/conv/experts/router weights have a fan-in; the rest are vectors or tables.
@@ -191,10 +202,19 @@ def checkpoint_dtype(config: Mapping[str, Any]) -> str:
     return "float32"
 
 
+def expert_storage_of(name: str) -> tuple[int, ExpertStorage] | None:
+    """(layer, storage) of a checkpoint tensor (or its FP8 scale) that holds experts; None for the rest."""
+    match = _EXPERT_TENSOR.match(name)
+    if match is None:
+        return None
+    return int(match[1]), "per_expert" if match[2] is not None else "fused"
+
+
 def checkpoint_layout(
     config: Mapping[str, Any] | Any,
     *,
     expert_layout: ExpertLayout = "hub",
+    expert_storage: ExpertStorage | Mapping[int, ExpertStorage] = "fused",
     include_tied_lm_head: bool = False,
 ) -> dict[str, TensorSpec]:
     """Every tensor the checkpoint of ``config`` holds, by Hugging Face name, in model order.
@@ -203,6 +223,9 @@ def checkpoint_layout(
         config: The parsed ``config.json`` (or a transformers config).
         expert_layout: ``hub`` for the files as released ([E, H, 2I] / [E, I, H]);
             ``transformers`` for transformers' in-memory layout ([E, 2I, H] / [E, H, I]).
+        expert_storage: ``fused`` (the two tensors above) or ``per_expert``
+            (``experts.{e}.gate_proj.weight`` ...), for every sparse layer or by
+            layer index (layers not in the mapping are fused).
         include_tied_lm_head: Also list ``lm_head.weight`` when the embeddings are
             tied (transformers' state_dict has it; tied checkpoints do not store it).
     """
@@ -274,7 +297,13 @@ def checkpoint_layout(
             E, I = t["experts"], t["moe_intermediate"]
             I2 = Dim(2 * I.size, f"2*{I.source}")
             add(p + "mlp.gate.weight", (E, H), "linear", (1,))
-            if expert_layout == "hub":
+            storage = expert_storage if isinstance(expert_storage, str) else expert_storage.get(i, "fused")
+            if storage == "per_expert":
+                for e in range(E.size):
+                    linear(f"{p}mlp.experts.{e}.gate_proj", I, H, bias=False)
+                    linear(f"{p}mlp.experts.{e}.up_proj", I, H, bias=False)
+                    linear(f"{p}mlp.experts.{e}.down_proj", H, I, bias=False)
+            elif expert_layout == "hub":
                 add(p + "mlp.experts.gate_up_proj", (E, H, I2), "experts", (1,))
                 add(p + "mlp.experts.down_proj", (E, I, H), "experts", (1,))
             else:

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..cache import cache_root
-from .layout import TensorSpec, checkpoint_layout
+from .layout import ExpertStorage, TensorSpec, checkpoint_layout
 from .safetensors_io import RawTensor, float32_to_bf16_bits, write_safetensors
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "build_model",
     "cached_directory",
     "default_cache_dir",
+    "per_expert_draw",
     "preset_config",
     "tiny_checkpoint",
     "token_ids",
@@ -638,6 +639,28 @@ def unit_scale_weights(config: Mapping[str, Any], seed: int) -> Iterator[tuple[s
         yield name, unit_scale_tensor(spec, seed, tied_embedding=tied_embedding)
 
 
+def per_expert_draw(name: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Fused hub-layout experts split into the per-expert nn.Linear weights they hold; the rest unchanged.
+
+    ``gate_up_proj [E, H, 2I]`` gives ``experts.{e}.gate_proj.weight`` (its first
+    I columns, transposed to [I, H]) and ``up_proj.weight`` (the last I);
+    ``down_proj [E, I, H]`` gives ``experts.{e}.down_proj.weight [H, I]``: the
+    values transformers' fused model holds, so both storages carry the same model.
+    """
+    prefix, _, part = name.rpartition("experts.")
+    if part == "gate_up_proj":
+        half = array.shape[2] // 2
+        return [
+            (f"{prefix}experts.{e}.{proj}.weight", np.ascontiguousarray(array[e, :, cols].T))
+            for e in range(array.shape[0])
+            for proj, cols in (("gate_proj", slice(None, half)), ("up_proj", slice(half, None)))
+        ]
+    if part == "down_proj":
+        return [(f"{prefix}experts.{e}.down_proj.weight", np.ascontiguousarray(array[e].T))
+                for e in range(array.shape[0])]
+    return [(name, array)]
+
+
 def write_sharded_safetensors(
     out_dir: str | os.PathLike[str],
     tensors: Iterable[tuple[str, np.ndarray | RawTensor]],
@@ -709,6 +732,7 @@ def write_checkpoint_from_config(
     chat_template: TemplatePlacement = "all",
     max_shard_bytes: int | None = None,
     transform: Callable[[str, np.ndarray], Iterable[tuple[str, np.ndarray | RawTensor]]] | None = None,
+    expert_storage: ExpertStorage = "fused",
 ) -> Path:
     """Write a checkpoint for an arbitrary Qwen3-VL ``config`` (the ``config.json`` dict).
 
@@ -722,6 +746,8 @@ def write_checkpoint_from_config(
         max_shard_bytes: Shard size limit; default: a third of the checkpoint.
         transform: Maps each drawn (name, float32 array) to the tensors to store
             instead (e.g. :func:`bfloat16_draw`).
+        expert_storage: ``per_expert`` stores the same drawn experts as
+            per-expert linear weights (:func:`per_expert_draw`), before ``transform``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -730,6 +756,8 @@ def write_checkpoint_from_config(
     for name, text in _tokenizer_files(_tokenizer_json(), chat_template).items():
         (out / name).write_text(text, encoding="utf-8")
     tensors: Iterable[tuple[str, np.ndarray]] = unit_scale_weights(config, seed)
+    if expert_storage == "per_expert":
+        tensors = (item for name, array in tensors for item in per_expert_draw(name, array))
     if transform is not None:
         tensors = (item for name, array in tensors for item in transform(name, array))
     write_sharded_safetensors(
@@ -761,12 +789,15 @@ def write_tiny_checkpoint(
     seed: int = 0,
     *,
     chat_template: TemplatePlacement = "all",
+    expert_storage: ExpertStorage = "fused",
 ) -> Path:
     """Write the ``preset`` checkpoint with weights drawn from ``seed`` into ``out_dir``.
 
-    Same (preset, seed, chat_template, FORMAT_VERSION) gives byte-identical files.
+    Same (preset, seed, chat_template, expert_storage, FORMAT_VERSION) gives byte-identical files.
     """
-    return write_checkpoint_from_config(out_dir, preset_config(preset), seed, chat_template=chat_template)
+    return write_checkpoint_from_config(
+        out_dir, preset_config(preset), seed, chat_template=chat_template, expert_storage=expert_storage
+    )
 
 
 def default_cache_dir() -> Path:
@@ -797,16 +828,22 @@ def cached_directory(final: Path, write: Callable[[Path], object]) -> Path:
 
 
 def tiny_checkpoint(
-    preset: str = "moe", seed: int = 0, cache_dir: str | os.PathLike[str] | None = None
+    preset: str = "moe", seed: int = 0, cache_dir: str | os.PathLike[str] | None = None,
+    expert_storage: ExpertStorage = "fused",
 ) -> Path:
-    """The cached checkpoint directory ``<cache_dir>/<preset>-s<seed>-v<FORMAT_VERSION>``.
+    """The cached checkpoint directory ``<cache_dir>/<preset>-s<seed>-v<FORMAT_VERSION>``
+    (``-per-expert`` appended for that storage).
 
     Generated on first use into a temporary sibling and renamed into place, so
     concurrent processes either see a complete directory or none.
     """
     preset_config(preset)  # an unknown preset fails before anything is created
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return cached_directory(root / f"{preset}-s{seed}-v{FORMAT_VERSION}", lambda tmp: write_tiny_checkpoint(tmp, preset, seed))
+    suffix = "-per-expert" if expert_storage == "per_expert" else ""
+    return cached_directory(
+        root / f"{preset}-s{seed}-v{FORMAT_VERSION}{suffix}",
+        lambda tmp: write_tiny_checkpoint(tmp, preset, seed, expert_storage=expert_storage),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..chat_template import MissingChatTemplateError, find_chat_template
-from .layout import TensorSpec, checkpoint_layout
+from .layout import ExpertStorage, TensorSpec, checkpoint_layout, expert_storage_of
 
 __all__ = ["CheckpointError", "checkpoint_problems", "validate_checkpoint", "validate_serve_args"]
 
@@ -147,6 +147,27 @@ def _is_fp8_scale(name: str, present: set[str], config: Mapping[str, Any]) -> bo
     )
 
 
+def _expert_layer(name: str) -> int | None:
+    found = expert_storage_of(name)
+    return None if found is None else found[0]
+
+
+def _expert_storages(found: Mapping[str, Any], problems: list[str]) -> dict[int, set[ExpertStorage]]:
+    """How each layer stores its experts (fused or per expert); a layer holding both is a problem."""
+    examples: dict[int, dict[ExpertStorage, str]] = defaultdict(dict)
+    for tensor in sorted(found):
+        storage = expert_storage_of(tensor)
+        if storage is not None:
+            examples[storage[0]].setdefault(storage[1], tensor)
+    for layer, kinds in sorted(examples.items()):
+        if len(kinds) > 1:
+            problems.append(
+                f"layer {layer} stores its experts both fused ({kinds['fused']}) and per expert "
+                f"({kinds['per_expert']}): a checkpoint holds each layer's experts one way or the other"
+            )
+    return {layer: set(kinds) for layer, kinds in examples.items()}
+
+
 def _weight_problems(
     directory: Path, config: dict[str, Any] | None, config_path: Path, problems: list[str]
 ) -> None:
@@ -208,15 +229,24 @@ def _weight_problems(
 
     if config is None:
         return
+    storages = _expert_storages(found, problems)
+    mixed = {layer for layer, kinds in storages.items() if len(kinds) > 1}
+    per_expert: dict[int, ExpertStorage] = {
+        layer: "per_expert" for layer, kinds in storages.items() if kinds == {"per_expert"}
+    }
     try:
-        expected = checkpoint_layout(config)
-        memory = checkpoint_layout(config, expert_layout="transformers", include_tied_lm_head=True)
+        expected = checkpoint_layout(config, expert_storage=per_expert)
+        memory = checkpoint_layout(
+            config, expert_layout="transformers", expert_storage=per_expert, include_tied_lm_head=True
+        )
     except (KeyError, TypeError, ValueError) as e:
         problems.append(f"{config_path}: cannot derive the tensor layout from it ({type(e).__name__}: {e})")
         return
     unreadable = names - readable
     missing, mismatched, unexpected = [], [], []
     for tensor, spec in expected.items():
+        if _expert_layer(tensor) in mixed:
+            continue  # reported once as mixed storage
         if tensor in found:
             shape = found[tensor]
             if shape != spec.shape and not _matches_other_expert_layout(tensor, shape, memory):
@@ -225,6 +255,8 @@ def _weight_problems(
             missing.append(f"missing tensor {tensor} (shape {list(spec.shape)}): in no *.safetensors file")
     present = set(found)
     for tensor in sorted(present - set(expected)):
+        if _expert_layer(tensor) in mixed:
+            continue
         if tensor in memory and memory[tensor].shape == found[tensor]:
             continue  # a tied checkpoint's copy of the lm_head
         if _is_fp8_scale(tensor, present, config):
