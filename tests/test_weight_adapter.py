@@ -146,8 +146,8 @@ def _converted(directory: Path, **kwargs) -> dict:
 
 @pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
 def test_per_expert_experts_merge_into_the_fused_tensors(storage_dtype):
-    """gate then up along the rows, down stacked: exactly the fused checkpoint's experts in
-    transformers' layout, in the dtype stored (bfloat16 kept under the CPU's float32 rule)."""
+    """gate then up along the rows, down stacked, stored in the hub layout: exactly the fused
+    checkpoint's experts, in the dtype stored (bfloat16 kept under the CPU's float32 rule)."""
     from max.dtype import DType
     from qwen3vl_moe.checkpoints.convert import cached_conversion, write_bfloat16_checkpoint
     from qwen3vl_moe.weight_adapters import _bits
@@ -159,11 +159,10 @@ def test_per_expert_experts_merge_into_the_fused_tensors(storage_dtype):
         kwargs = {"dtype": DType.float32, "keep_bfloat16_matrices": True}
     want, got = _converted(fused, **kwargs), _converted(per_expert, **kwargs)
     assert set(got) == set(want)
-    assert checkpoint_expert_layout(got, AutoConfig.from_pretrained(per_expert)) == "transformers"
+    assert checkpoint_expert_layout(got, AutoConfig.from_pretrained(per_expert)) == "hub"
     for name, data in want.items():
         expected = _bits(data)
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            expected = expected.transpose(0, 2, 1)  # hub -> transformers
             assert got[name].dtype == getattr(DType, storage_dtype), name
         assert got[name].dtype == data.dtype, name
         np.testing.assert_array_equal(_bits(got[name]), expected, err_msg=name)

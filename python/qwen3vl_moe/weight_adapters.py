@@ -12,11 +12,12 @@ when the dims make the two layouts identical (H == 2I or H == I) the
 checkpoint is rejected instead of guessed.
 
 Experts stored per expert (``experts.{e}.gate_proj/up_proj/down_proj.weight``,
-as Qwen's FP8 releases store them) are merged one layer at a time into
-transformers' fused layout, as transformers merges them for Qwen3-MoE: gate
-then up along the rows (``[E, 2I, H]``), down stacked (``[E, H, I]``). Float8
-experts stay float8 on a GPU (bits and block scales merged) where I and H are
-whole 128-blocks; elsewhere each expert is dequantized, then merged.
+as Qwen's FP8 releases store them) are merged one layer at a time, as
+transformers merges them for Qwen3-MoE: gate then up (``[E, 2I, H]``), down
+stacked (``[E, H, I]``). Float8 experts stay float8 on a GPU (bits and block
+scales merged, in that layout, which MAX's grouped FP8 matmul reads) where I
+and H are whole 128-blocks; elsewhere each expert is dequantized, merged and
+stored in the hub layout, so the graph is the fused release's own.
 """
 
 from __future__ import annotations
@@ -382,11 +383,15 @@ def _merge_per_expert_layer(
     layer: int, tensors: Mapping[str, Weights], huggingface_config: Any, fp8: _Fp8Weights, fp8_gpu: bool,
     weights: dict[str, WeightData], float8: set[str], expected: dict[str, tuple[int, ...]],
 ) -> None:
-    """One layer's per-expert weights as transformers' fused ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I].
+    """One layer's per-expert weights as fused ``gate_up_proj`` and ``down_proj``.
 
     Missing, misshapen or extra experts are problems (nothing is merged then).
     Float8 experts stay float8 with merged block scales where the GPU runs them
-    (``fp8_gpu``, 128x128 blocks, I and H whole blocks), else are dequantized first.
+    (``fp8_gpu``, 128x128 blocks, I and H whole blocks), in transformers' layout
+    [E, 2I, H] / [E, H, I], which MAX's grouped FP8 matmul reads. Otherwise they
+    are dequantized first and merged into the hub layout [E, H, 2I] / [E, I, H]
+    that the releases store fused, so the graph is the fused release's own (one
+    compile for both storages) and computes exactly the same.
     """
     from .nn.fp8 import BLOCK, fp8_block_shape_fits
 
@@ -433,10 +438,11 @@ def _merge_per_expert_layer(
     if len({d.dtype for d in data.values()}) > 1:
         data = {n: d.astype(DType.float32) for n, d in data.items()}
     dtype = data[names[0][0]].dtype
-    weights[out + "gate_up_proj"] = _from_bits(
-        _merge_gate_up([_bits(data[g]) for g, _, _ in names], [_bits(data[u]) for _, u, _ in names]),
-        dtype, out + "gate_up_proj")
-    weights[out + "down_proj"] = _from_bits(np.stack([_bits(data[d]) for _, _, d in names]), dtype, out + "down_proj")
+    gate_up = _merge_gate_up([_bits(data[g]) for g, _, _ in names], [_bits(data[u]) for _, u, _ in names])
+    down = np.stack([_bits(data[d]) for _, _, d in names])
+    for part, merged in (("gate_up_proj", gate_up), ("down_proj", down)):
+        hub = np.ascontiguousarray(np.swapaxes(merged, 1, 2))  # [E, H, 2I] / [E, I, H]
+        weights[out + part] = _from_bits(hub, dtype, out + part)
 
 
 def _merge_gate_up(gates: list[np.ndarray], ups: list[np.ndarray]) -> np.ndarray:
