@@ -10,10 +10,6 @@ what the loader hands those graphs. Numerics need a GPU run (see docs/STATUS.md)
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from max.driver import Buffer
@@ -23,6 +19,8 @@ from transformers import AutoConfig
 
 from qwen3vl_moe.checkpoints.fp8 import dequantize_blockwise, fp8_blocks_checkpoint
 from qwen3vl_moe.weight_adapters import checkpoint_expert_layout, convert_qwen3vl_model_state_dict
+
+from gpu_compile import warm_cache
 
 
 def _convert(checkpoint, dtype):
@@ -72,15 +70,7 @@ def test_gpu_loader_keeps_text_matrices_float8_in_the_kernels_layout():
 
 
 @pytest.mark.slow
-def test_fp8_pipeline_compiles_for_sm90(tmp_path):
-    max_cli = os.path.join(os.path.dirname(sys.executable), "max")
-    cmd = [
-        max_cli, "warm-cache", "--custom-architectures", "qwen3vl_moe",
-        "--model-path", str(fp8_blocks_checkpoint()), "--devices", "gpu", "--target", "cuda:sm_90",
-        "--max-length", "1024", "--max-batch-size", "4",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=3000)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-6000:]
+def test_fp8_pipeline_compiles_for_sm90():
+    log, _ = warm_cache(fp8_blocks_checkpoint(), "gpu")
     assert "19 float8_e4m3fn text-decoder tensors kept in float8" in log, log[-6000:]
     assert "Building, compiling, and initializing model took" in log

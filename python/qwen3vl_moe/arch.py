@@ -26,7 +26,7 @@ def _architecture(name: str, example_repo_ids: list[str]) -> SupportedArchitectu
         task=PipelineTask.TEXT_GENERATION,
         example_repo_ids=example_repo_ids,
         default_weights_format=WeightsFormat.safetensors,
-        multi_gpu_supported=False,
+        multi_gpu_supported=True,  # tensor parallel text decoder over GPUs (nn/text_decoder)
         input_modalities={InputModality.TEXT, InputModality.IMAGE, InputModality.VIDEO},
         default_encoding=Qwen3VLConfig.DEFAULT_ENCODING,
         # float8_e4m3fn: FP8 checkpoints on GPU (MAX's blockwise FP8 kernels, nn/fp8); on

@@ -127,6 +127,21 @@ def run_max_cli(argv: list[str]) -> int:
     return int(main() or 0)
 
 
+def run_max_commands(commands: list[list[str]]) -> None:
+    """Runs several ``max`` commands one after another in this process (raises on a failing one).
+
+    What a virtual-device compile of several device counts in one process
+    needs (``warm-cache --target`` sets the virtual device count per command).
+    Depends on: ``max._entrypoints.pipelines.main`` being a click group, whose
+    ``main(args, standalone_mode=False)`` runs one command and returns rather
+    than exiting; the ``--custom-architectures`` import working when repeated.
+    """
+    from max._entrypoints.pipelines import main
+
+    for argv in commands:
+        main.main(list(argv), standalone_mode=False)
+
+
 def pipeline_model_of(pipeline: Any) -> Any:
     """The pipeline model inside a text-generation pipeline (MAX keeps it in ``_pipeline_model``)."""
     return pipeline._pipeline_model

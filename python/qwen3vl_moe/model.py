@@ -105,11 +105,12 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
 
     @cached_property
     def signal_buffers(self) -> list[Buffer]:
-        """None: the graphs run on one device and never all-reduce.
+        """MAX's allreduce signal buffers, one per GPU, when the decoder is tensor parallel.
 
-        (The built-in allocates GPU allreduce signal buffers, which crashes on CPU.)
+        None on one device, whose graphs never all-reduce (the built-in
+        allocates them always, which crashes on CPU).
         """
-        return []
+        return super().signal_buffers if len(self.devices) > 1 else []
 
     @classmethod
     def estimate_activation_memory(cls, pipeline_config: Any, huggingface_config: Any) -> int:
@@ -198,7 +199,7 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
             text_weight_dtype=weights_dtype if weights_dtype != config.dtype else None,
         )
         self.model = Qwen3VLGraphs(
-            Qwen3VLVisionEncoder(self.model_args.vision, config.dtype, config.devices[0]),
+            Qwen3VLVisionEncoder(self.model_args.vision, config.dtype, config.devices),
             Qwen3VLTextDecoder(config, self.model_args, self.return_logits),
         )
         self.model.load_state_dict(model_state_dict, weight_alignment=1, strict=True)
@@ -240,18 +241,21 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
         if model_inputs.has_vision_inputs:
             assert model_inputs.grid_thw and model_inputs.vision_position_ids and model_inputs.cu_seqlens
             assert model_inputs.pixel_values and model_inputs.image_token_indices is not None
-            merged, *deepstack = self.vision_model.execute(
+            # Runs on the first device and returns a copy per device: merged, then deepstack
+            # levels, device-minor (the built-in's order).
+            outputs = self.vision_model.execute(
                 model_inputs.pixel_values[0],
                 model_inputs.grid_thw[0],
                 model_inputs.vision_position_ids[0],
                 model_inputs.cu_seqlens[0],
             )
-            image_embeddings, deepstack_embeddings = [merged], deepstack
+            n = len(self.devices)
+            image_embeddings, deepstack_embeddings = list(outputs[:n]), list(outputs[n:])
             image_token_indices = model_inputs.image_token_indices
-            if int(image_token_indices[0].shape[0]) != int(merged.shape[0]):
+            if int(image_token_indices[0].shape[0]) != int(image_embeddings[0].shape[0]):
                 raise ValueError(
                     f"{image_token_indices[0].shape[0]} image/video placeholder tokens "
-                    f"but the vision encoder produced {merged.shape[0]} embeddings"
+                    f"but the vision encoder produced {image_embeddings[0].shape[0]} embeddings"
                 )
         else:
             batch_processor = self.batch_processor
@@ -267,6 +271,7 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
             *deepstack_embeddings,
             *image_token_indices,
             model_inputs.decoder_position_ids,
+            *model_inputs.signal_buffers,
             *tree.leaves(model_inputs.kv_cache_inputs),
         )
         if len(outputs) == 3:

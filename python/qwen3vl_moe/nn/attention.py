@@ -6,12 +6,19 @@ varlen kernel over the step's own k/v (no cache reads, 2x+ MAX's CPU
 flash_attention_ragged at 512 tokens); any other step (decode, or a prefill
 after a cached prefix) uses flash_attention_ragged over the cache. On GPU the
 latter always.
+
+Tensor parallel (:meth:`TextAttention.shard`, as MAX's built-in Qwen3-VL):
+each device holds whole heads, ``num_heads / N`` query heads and
+``num_kv_heads / N`` KV heads (q/k/v split by rows, o_proj by the matching
+columns), so its o_proj output is a partial sum the decoder all-reduces.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from max.dtype import DType
-from max.graph import DeviceRef, TensorType, TensorValue, ops
+from max.graph import DeviceRef, ShardingStrategy, TensorType, TensorValue, ops
 from max.nn.attention import MHAMaskVariant
 from max.nn.kernels import flash_attention_ragged, store_k_cache_ragged, store_v_cache_ragged
 from max.nn.kv_cache import KVCacheParams, PagedCacheValues
@@ -19,6 +26,7 @@ from max.nn.layer import Module
 from max.nn.norm import RMSNorm
 
 from ..kernels.attention import varlen_attention
+from .linear import shard_linear
 from .mlp import text_linear
 from .rotary import apply_rotary
 
@@ -43,6 +51,7 @@ class TextAttention(Module):
         """``fp8``: the projections whose weights are float8 (GPU only; see nn/fp8)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.hidden_size, self.rms_norm_eps, self.dtype = hidden_size, rms_norm_eps, dtype
         self.kv_params = kv_params
         self.q_proj = text_linear(hidden_size, num_heads * head_dim, weight_dtype, device, "q_proj" in fp8)
         self.k_proj = text_linear(hidden_size, num_kv_heads * head_dim, weight_dtype, device, "k_proj" in fp8)
@@ -96,3 +105,37 @@ class TextAttention(Module):
             )[0]
         out = ops.reshape(out, [-1, self.num_heads * self.head_dim])
         return self.o_proj(out if rows is None else ops.gather(out, rows, axis=0))
+
+    def shard(self, devices: Sequence[DeviceRef]) -> list[TextAttention]:
+        """One attention per device over its share of the heads (MAX's built-in split).
+
+        The KV heads must divide by the device count (MAX's KV cache params
+        refuse otherwise); the q/k norms are replicated.
+        """
+        n = len(devices)
+        if self.num_heads % n or self.num_kv_heads % n:
+            raise ValueError(
+                f"tensor parallel over {n} devices needs the attention heads ({self.num_heads}) and "
+                f"KV heads ({self.num_kv_heads}) to divide by {n}"
+            )
+        rows = ShardingStrategy.rowwise(n)
+        q, k, v = (shard_linear(p, rows, devices) for p in (self.q_proj, self.k_proj, self.v_proj))
+        o = shard_linear(
+            self.o_proj, ShardingStrategy.head_aware_columnwise(n, self.num_heads, self.head_dim), devices
+        )
+        norms = []
+        for norm in (self.q_norm, self.k_norm):
+            norm.sharding_strategy = ShardingStrategy.replicate(n)
+            norms.append(norm.shard(devices))
+        shards = []
+        for i, device in enumerate(devices):
+            shard = TextAttention(
+                hidden_size=self.hidden_size, num_heads=self.num_heads // n,
+                num_kv_heads=self.num_kv_heads // n, head_dim=self.head_dim,
+                rms_norm_eps=self.rms_norm_eps, kv_params=self.kv_params,
+                dtype=self.dtype, weight_dtype=self.q_proj.weight.dtype, device=device,
+            )
+            shard.q_proj, shard.k_proj, shard.v_proj, shard.o_proj = q[i], k[i], v[i], o[i]
+            shard.q_norm, shard.k_norm = norms[0][i], norms[1][i]
+            shards.append(shard)
+        return shards

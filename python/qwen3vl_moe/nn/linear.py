@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from max.graph import TensorValue
+from collections.abc import Sequence
+
+from max.graph import DeviceRef, ShardingStrategy, TensorValue
 from max.nn import Linear
 
 from ..kernels.linear import linear
@@ -22,3 +24,13 @@ class StreamingLinear(Linear):
         if self.device.is_cpu() and plain and x.rank == 2:
             return linear(x, self.weight)  # the weight may be bfloat16 under float32 x
         return super().__call__(x)
+
+
+def shard_linear(layer: Linear, strategy: ShardingStrategy, devices: Sequence[DeviceRef]) -> list[Linear]:
+    """``layer`` split over ``devices`` by ``strategy`` (MAX's ``Linear.shard``: views of the one loaded weight).
+
+    The shards are MAX ``Linear`` layers: tensor parallelism runs on GPUs,
+    where ``StreamingLinear`` is MAX's matmul anyway.
+    """
+    layer.sharding_strategy = strategy
+    return layer.shard(devices)

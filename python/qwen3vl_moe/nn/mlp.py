@@ -1,15 +1,23 @@
-"""Feed-forward blocks of the text model: dense SwiGLU and the sparse MoE."""
+"""Feed-forward blocks of the text model: dense SwiGLU and the sparse MoE.
+
+Tensor parallel (``shard``, as MAX's built-in Qwen3-VL): every device holds a
+slice of the intermediate dimension, of the dense MLP and of every expert
+(all experts on every device, the router replicated), so each device's output
+is a partial sum the decoder all-reduces.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from max.dtype import DType
-from max.graph import DeviceRef, TensorValue, Weight, ops
+from max.graph import DeviceRef, ShardingStrategy, TensorValue, Weight, ops
 from max.nn.layer import Module
 
 from ..kernels.moe import moe_experts
 from ..checkpoints.layout import ExpertLayout
 from .fp8 import Fp8Experts, Fp8Linear, fp8_moe_experts
-from .linear import StreamingLinear
+from .linear import StreamingLinear, shard_linear
 
 
 def text_linear(in_dim: int, out_dim: int, weight_dtype: DType, device: DeviceRef, fp8: bool = False) -> Module:
@@ -33,6 +41,20 @@ class DenseMLP(Module):
     def __call__(self, x: TensorValue) -> TensorValue:
         return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def shard(self, devices: Sequence[DeviceRef]) -> list[DenseMLP]:
+        """gate/up split by rows, down by the matching columns (MAX's ``MLP`` tensor-parallel split)."""
+        n = len(devices)
+        rows, cols = ShardingStrategy.rowwise(n), ShardingStrategy.columnwise(n)
+        gate, up = shard_linear(self.gate_proj, rows, devices), shard_linear(self.up_proj, rows, devices)
+        down = shard_linear(self.down_proj, cols, devices)
+        shards = []
+        intermediate, hidden = (int(d) for d in self.gate_proj.weight.shape)
+        for i, device in enumerate(devices):
+            shard = DenseMLP(hidden, intermediate // n, self.gate_proj.weight.dtype, device)
+            shard.gate_proj, shard.up_proj, shard.down_proj = gate[i], up[i], down[i]
+            shards.append(shard)
+        return shards
+
 
 class FusedExperts(Module):
     """The checkpoint's fused expert tensors, kept in the checkpoint's layout (no copy)."""
@@ -44,12 +66,33 @@ class FusedExperts(Module):
         super().__init__()
         E, H, I = num_experts, hidden_size, intermediate_size
         self.hub_layout = layout == "hub"
+        self.layout = layout
         hub = self.hub_layout
         self.gate_up_proj = Weight("gate_up_proj", dtype, [E, H, 2 * I] if hub else [E, 2 * I, H], device)
         self.down_proj = Weight("down_proj", dtype, [E, I, H] if hub else [E, H, I], device)
 
     def __call__(self, x: TensorValue) -> TensorValue:
         raise TypeError("FusedExperts holds weights; SparseMoE runs them")
+
+    def shard(self, devices: Sequence[DeviceRef]) -> list[FusedExperts]:
+        """Every expert's intermediate dimension split over ``devices`` (MAX's ``StackedMoE`` split).
+
+        gate_up keeps each device's gate rows and the matching up rows (MAX's
+        ``gate_up`` strategy), down the matching intermediate slice.
+        """
+        n = len(devices)
+        # The intermediate axis of each tensor, in the checkpoint's layout.
+        self.gate_up_proj.sharding_strategy = ShardingStrategy.gate_up(n, axis=2 if self.hub_layout else 1)
+        self.down_proj.sharding_strategy = ShardingStrategy.axiswise(1 if self.hub_layout else 2, n)
+        E, H = int(self.gate_up_proj.shape[0]), int(self.down_proj.shape[2 if self.hub_layout else 1])
+        I = int(self.down_proj.shape[1 if self.hub_layout else 2])
+        gate_up, down = self.gate_up_proj.shard(devices), self.down_proj.shard(devices)
+        shards = []
+        for i, device in enumerate(devices):
+            shard = FusedExperts(E, H, I // n, self.layout, self.gate_up_proj.dtype, device)
+            shard.gate_up_proj, shard.down_proj = gate_up[i], down[i]
+            shards.append(shard)
+        return shards
 
 
 class SparseMoE(Module):
@@ -68,6 +111,7 @@ class SparseMoE(Module):
         """``fp8_experts``: float8 experts in transformers' layout (GPU only), run by nn/fp8's MAX kernels."""
         super().__init__()
         self.top_k = top_k
+        self.hidden_size, self.num_experts, self.intermediate_size = hidden_size, num_experts, intermediate_size
         self.gate = StreamingLinear(hidden_size, num_experts, weight_dtype, device)
         self.experts: Module = (
             Fp8Experts(num_experts, hidden_size, intermediate_size, device) if fp8_experts
@@ -81,3 +125,23 @@ class SparseMoE(Module):
             x, self.gate(x), self.experts.gate_up_proj, self.experts.down_proj,
             top_k=self.top_k, weights_hub_layout=self.experts.hub_layout,
         )
+
+    def shard(self, devices: Sequence[DeviceRef]) -> list[SparseMoE]:
+        """The router replicated, the experts' intermediate dimension split (MAX's built-in split)."""
+        if not isinstance(self.experts, FusedExperts):
+            raise ValueError("float8 experts run on one device (tensor parallel FP8 is not implemented)")
+        n = len(devices)
+        if self.intermediate_size % n:
+            raise ValueError(f"the experts' intermediate size ({self.intermediate_size}) does not divide by {n} devices")
+        gates = shard_linear(self.gate, ShardingStrategy.replicate(n), devices)
+        experts = self.experts.shard(devices)
+        shards = []
+        for i, device in enumerate(devices):
+            shard = SparseMoE(
+                hidden_size=self.hidden_size, num_experts=self.num_experts, top_k=self.top_k,
+                intermediate_size=self.intermediate_size // n, layout=self.experts.layout,
+                weight_dtype=self.gate.weight.dtype, device=device,
+            )
+            shard.gate, shard.experts = gates[i], experts[i]
+            shards.append(shard)
+        return shards

@@ -4,6 +4,11 @@ Patch embedding is the Conv3d as a linear layer, the learned position table is
 bilinearly interpolated per image by one Mojo op, the 2-D rotary runs in
 float32, and each block attends only within its (image, frame group) segment
 through the varlen attention op, so nothing is materialised across images.
+
+Under tensor parallelism the encoder runs on the first GPU only (its cost is
+small next to the decoder's) and hands each device its own copy of the
+outputs, in the built-in's order: merged per device, then each deepstack level
+per device.
 """
 
 from __future__ import annotations
@@ -140,11 +145,13 @@ class PositionTable(Module):
 
 
 class Qwen3VLVisionEncoder(Module):
-    """pixel patches [N, C*Tp*P*P] -> (merged [N/m^2, out], deepstack features [N/m^2, out] each)."""
+    """pixel patches [N, C*Tp*P*P] -> (merged [N/m^2, out], deepstack features [N/m^2, out] each),
+    each once per device of ``devices`` (computed on ``devices[0]``)."""
 
-    def __init__(self, args: VisionModelArgs, dtype: DType, device: DeviceRef) -> None:
+    def __init__(self, args: VisionModelArgs, dtype: DType, devices: list[DeviceRef]) -> None:
         super().__init__()
-        self.dtype, self.device = dtype, device
+        device = devices[0]
+        self.dtype, self.device, self.devices = dtype, device, devices
         self.merge = args.spatial_merge_size
         self.in_dim = args.patch_dim
         self.patch_embed = PatchEmbed(self.in_dim, args.hidden_size, dtype, device)
@@ -183,4 +190,6 @@ class Qwen3VLVisionEncoder(Module):
             x = block(x, cu_seqlens, cos, sin)
             if j in self.deepstack_visual_indexes:
                 deepstack.append(self.deepstack_merger_list[self.deepstack_visual_indexes.index(j)](x))
-        return (self.merger(x), *deepstack)
+        return tuple(
+            copy for out in (self.merger(x), *deepstack) for copy in (out, *(out.to(d) for d in self.devices[1:]))
+        )
