@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import time
 
+from e2e.report import cpu_description  # bench/ is on sys.path when run as a script
 from qwen3vl_moe.api import Qwen3VL
 from qwen3vl_moe.checkpoints.convert import bfloat16_checkpoint
 from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    result = {"cpu": cpu_name(), "preset": args.preset, "runs": {}}
+    result = {"cpu": cpu_description(), "preset": args.preset, "runs": {}}
     engines = {}
     for label, path in (("float32 weights", tiny_checkpoint(args.preset)),
                         ("bfloat16 weights", bfloat16_checkpoint(args.preset))):
@@ -59,14 +59,6 @@ def main() -> None:
     result["bf16_over_f32"] = round(result["runs"]["bfloat16 weights"]["median"]
                                     / result["runs"]["float32 weights"]["median"], 2)
     print(json.dumps(result, indent=2))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

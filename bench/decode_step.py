@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import time
 from collections import defaultdict
@@ -36,6 +35,7 @@ from typing import Any
 from max.pipelines.lib.graph_specs import GraphRole
 from max.pipelines.lib.pipeline_variants import text_generation
 
+from e2e.report import cpu_description  # bench/ is on sys.path when run as a script
 from qwen3vl_moe.api import Qwen3VL
 from qwen3vl_moe.checkpoints.convert import bfloat16_checkpoint
 from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
@@ -224,21 +224,13 @@ def main() -> None:
                     runs[f"{weights} weights, batch {batch}" + (f", workers {placement}" if placement else "")].append(parts)
         loads.append(os.getloadavg()[0])
     result = {
-        "cpu": cpu_name(), "preset": args.preset, "new_tokens": args.new_tokens, "rounds": args.repeats,
+        "cpu": cpu_description(), "preset": args.preset, "new_tokens": args.new_tokens, "rounds": args.repeats,
         "loadavg_1min": [round(x, 2) for x in loads],
         "medians": {name: {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]}
                     for name, rounds in runs.items()},
         "tok_s_rounds": {name: [round(r["tok/s"], 1) for r in rounds] for name, rounds in runs.items()},
     }
     print(json.dumps(result, indent=1))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
