@@ -32,6 +32,7 @@ from qwen3vl_moe.checkpoints.published import (
     published_config,
     stored_bytes,
 )
+from qwen3vl_moe.checkpoints.tiny import default_cache_dir
 
 pytestmark = pytest.mark.slow
 
@@ -106,14 +107,26 @@ def hf_inputs(processor, conv) -> dict:
     return dict(processor(text=[text], images=images, return_tensors="pt"))
 
 
+def disk_needed(config: dict) -> int:
+    """Free disk the test writes: the checkpoint as stored and, for a bfloat16 cut, a copy
+    of its decoder layers (transformers' reference offloads them), plus 2 GiB for the rest."""
+    offload = stored_bytes(config) if config["text_config"]["dtype"] == "bfloat16" else 0
+    return stored_bytes(config) + offload + 2 * 2**30
+
+
 @pytest.fixture(scope="module", params=list(PUBLISHED))
-def name(request) -> str:
-    need = memory_needed(published_config(request.param))
+def name(request, tmp_path_factory) -> str:
+    config = published_config(request.param)
+    need = memory_needed(config)
     have = _available_bytes()
     if have < need:
         pytest.skip(f"{request.param}: 2 text + 2 vision layers need about {need / 2**30:.0f} GiB to load "
                     f"(weights as stored x{LOAD_FACTOR:g} + {BASELINE_BYTES / 2**30:.0f} GiB), "
                     f"{have / 2**30:.0f} GiB available")
+    disk = min(shutil.disk_usage(d).free for d in (default_cache_dir(), tmp_path_factory.getbasetemp()))
+    if disk < disk_needed(config):
+        pytest.skip(f"{request.param}: needs about {disk_needed(config) / 2**30:.0f} GiB of free disk "
+                    f"(checkpoint and reference offload), {disk / 2**30:.0f} GiB free")
     return request.param
 
 
@@ -138,16 +151,18 @@ def reference(name, checkpoint, conversations, tmp_path_factory):
     out = {}
     stored = published_config(name)["text_config"]["dtype"]
     # Timed with its forwards: transformers maps the weights lazily, so a load alone touches little.
-    with Measured() as load, torch.no_grad():
-        model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=getattr(torch, stored)).eval()
-        offload = tmp_path_factory.mktemp(f"{name}-offload")
-        if stored == "bfloat16":
-            compute_in_float32_layer_by_layer(model, model.model.language_model.layers, offload)
-        for key, conv in conversations.items():
-            inputs = hf_inputs(processor, conv)
-            out[key] = (inputs["input_ids"][0].tolist(), model(**inputs).logits[0].float().numpy())
+    offload = tmp_path_factory.mktemp(f"{name}-offload")
+    try:
+        with Measured() as load, torch.no_grad():
+            model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=getattr(torch, stored)).eval()
+            if stored == "bfloat16":
+                compute_in_float32_layer_by_layer(model, model.model.language_model.layers, offload)
+            for key, conv in conversations.items():
+                inputs = hf_inputs(processor, conv)
+                out[key] = (inputs["input_ids"][0].tolist(), model(**inputs).logits[0].float().numpy())
+    finally:
+        shutil.rmtree(offload)  # the 235B-A22B cut offloads 9 GiB
     print(f"\n[{name}] transformers load + prefill: {load}")
-    shutil.rmtree(offload)
     del model
     gc.collect()
     return out
