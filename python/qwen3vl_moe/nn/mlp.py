@@ -65,11 +65,14 @@ class FusedExperts(Module):
     ) -> None:
         super().__init__()
         E, H, I = num_experts, hidden_size, intermediate_size
-        self.hub_layout = layout == "hub"
         self.layout = layout
         hub = self.hub_layout
         self.gate_up_proj = Weight("gate_up_proj", dtype, [E, H, 2 * I] if hub else [E, 2 * I, H], device)
         self.down_proj = Weight("down_proj", dtype, [E, I, H] if hub else [E, H, I], device)
+
+    @property
+    def hub_layout(self) -> bool:
+        return self.layout == "hub"
 
     def __call__(self, x: TensorValue) -> TensorValue:
         raise TypeError("FusedExperts holds weights; SparseMoE runs them")
