@@ -31,7 +31,11 @@ keeps threads), and on two cores that alone slowed transformers by up to 50%
 before this was done. Timings are medians over ``--repeats`` rounds after
 ``--warmup`` rounds. Peak RSS is each process's own high-water mark (workers:
 VmHWM; llama.cpp's tools: ``ru_maxrss`` as a small wrapper process sees it; a
-child forked from the driver itself would inherit the driver's peak).
+child forked from the driver itself would inherit the driver's peak). Our
+worker runs as the package's base install does, without torch
+(``workers.hide_torch``): the benchmark's environment has torch for
+transformers, and MAX would otherwise import it (0.65 GiB of RSS) through
+transformers.
 
 Measured:
 

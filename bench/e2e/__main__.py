@@ -23,7 +23,7 @@ import floor
 import llamacpp
 import protocol
 import report
-from workers import HF_IMPLS, WORKERS, image_448, is_gpu
+from workers import HF_IMPLS, WORKERS, OursWorker, hide_torch, image_448, is_gpu
 
 ALL_CONTENDERS = ("ours", *(f"hf:{i}" for i in HF_IMPLS), *(f"llama:{t}" for t in llamacpp.WEIGHT_TYPES))
 GROUPS = {"hf": [f"hf:{i}" for i in HF_IMPLS], "llama": [f"llama:{t}" for t in llamacpp.WEIGHT_TYPES]}
@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
+        if WORKERS[args.worker] is OursWorker:
+            hide_torch()
         protocol.serve(WORKERS[args.worker], json.loads(args.spec), one_shot=args.worker == "compile")
         return
     encoding = args.encoding or ("bfloat16" if is_gpu(args.devices) else "float32")

@@ -16,6 +16,20 @@ from typing import Any, ClassVar, Self
 HF_IMPLS = ("grouped_mm", "eager")
 
 
+def hide_torch() -> None:
+    """Makes torch (and what needs it) unimportable in this process, as in the package's base install.
+
+    ``pip install qwen3vl-moe`` brings no torch; the benchmark's environment
+    has it for the transformers contender, and MAX imports transformers,
+    which imports torch whenever it is installed: 0.65 GiB of RSS (torch,
+    triton, the CUDA libraries) that our worker never uses. With the modules
+    set to None, ``import torch`` raises ImportError and
+    ``importlib.util.find_spec`` returns None, so transformers sees no torch.
+    """
+    for name in ("torch", "torchvision", "triton"):
+        sys.modules[name] = None  # type: ignore[assignment]
+
+
 def is_gpu(devices: str) -> bool:
     return devices.startswith("gpu")
 
