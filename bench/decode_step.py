@@ -42,7 +42,14 @@ from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
 from qwen3vl_moe.cpu_threads import cpu_workers
 from qwen3vl_moe.max_compat import pipeline_model_of
 
-PROMPT = [{"role": "user", "content": "Count slowly from one to one hundred, one number per line."}]
+TOPICS = ("rivers", "prime numbers", "bread", "glaciers", "chess openings", "owls", "tides", "violins")
+
+
+def prompts(batch: int) -> list[list[dict[str, str]]]:
+    """One distinct prompt per row: identical rows would pick the same experts at every
+    step and read the expert weights of one row, understating a real batch."""
+    return [[{"role": "user", "content": f"Write a short paragraph about {TOPICS[i % len(TOPICS)]} ({i})."}]
+            for i in range(batch)]
 
 
 class _Timed:
@@ -133,7 +140,7 @@ def step_breakdown(engine: Qwen3VL, batch: int, new_tokens: int) -> dict[str, fl
 
     pipeline.execute = timed_execute
     try:
-        engine.generate([PROMPT] * batch, max_new_tokens=new_tokens, ignore_eos=True)
+        engine.generate(prompts(batch), max_new_tokens=new_tokens, ignore_eos=True)
     finally:
         for owner, name in ((pipeline, "execute"), (pipeline, "prepare_batch"), (model, "execute"),
                             (pipeline.kv_manager, "step"), (pipeline.kv_manager, "runtime_inputs"),
@@ -166,7 +173,7 @@ def graph_alone_ms(engine: Qwen3VL, batch: int, repeats: int) -> dict[str, float
 
     graphs[GraphRole.DECODER] = Capture()
     try:
-        engine.generate([PROMPT] * batch, max_new_tokens=3, ignore_eos=True)
+        engine.generate(prompts(batch), max_new_tokens=3, ignore_eos=True)
     finally:
         graphs[GraphRole.DECODER] = decoder
     times = []
@@ -207,7 +214,7 @@ def main() -> None:
     for weights in args.weights.split(","):
         path = bfloat16_checkpoint(args.preset) if weights == "bfloat16" else tiny_checkpoint(args.preset)
         engines[weights] = Qwen3VL(path, devices="cpu", max_length=512, max_batch_size=max(batches))
-        engines[weights].generate([PROMPT], max_new_tokens=4, ignore_eos=True)  # warm-up
+        engines[weights].generate(prompts(1), max_new_tokens=4, ignore_eos=True)  # warm-up
     gc.collect()
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     loads = [os.getloadavg()[0]]
