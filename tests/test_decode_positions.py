@@ -96,3 +96,15 @@ def test_decode_inputs_are_reused_while_the_batch_is_unchanged():
     np.testing.assert_array_equal(first.decoder_position_ids.to_numpy(), [[-4, 0]] * 3)
     other = processor.prepare_initial_token_inputs([[context(-4, 12), context(2, 5)]], kv)
     np.testing.assert_array_equal(other.decoder_position_ids.to_numpy(), [[-4, 2]] * 3)
+
+
+def test_the_model_builds_its_inputs_with_this_packages_batch_processor():
+    """Whatever registered last: `max serve`'s model worker builds the model without re-registering it."""
+    from max.pipelines.architectures.qwen3vl_moe.arch import qwen3vl_moe_arch as builtin  # binds MAX's processor
+
+    from qwen3vl_moe.arch import qwen3vl_moe_arch
+    from qwen3vl_moe.max_compat import Qwen3VLBatchProcessor
+    from qwen3vl_moe.model import Qwen3VLModel
+
+    assert builtin.pipeline_model.batch_processor_cls is not Qwen3VLBatchProcessor
+    assert Qwen3VLModel.batch_processor_cls is qwen3vl_moe_arch.batching is Qwen3VLBatchProcessor

@@ -31,6 +31,7 @@ from .kernels import kernel_extension
 from .max_compat import (
     BuiltinQwen3VLModel,
     GroupMemberSpec,
+    Qwen3VLBatchProcessor,
     Qwen3VLInputs,
     Qwen3VLMoeBatchProcessor,
     fail_batch_on_execute_error,
@@ -94,6 +95,11 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
     """Qwen3-VL (MoE or dense) on MAX, CPU and GPU."""
 
     model_config_cls: ClassVar[type[Any]] = Qwen3VLConfig
+    # MAX binds an architecture's ``batching`` onto its pipeline model class when the registry
+    # registers it (``arch_lookup._bind_batch_processor``); `max serve`'s model worker builds the
+    # model without that registration, and the class would inherit the built-in's binding (MAX's
+    # batch processor, absolute CPU positions) from ``BuiltinQwen3VLModel``. The graphs need this one.
+    batch_processor_cls: ClassVar[type[Any]] = Qwen3VLBatchProcessor
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
