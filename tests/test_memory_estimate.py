@@ -68,3 +68,23 @@ def test_the_architecture_plans_with_it():
     planned = planner.estimate_activation_memory(pipeline_config, hf)
     assert planned == Qwen3VLModel.estimate_activation_memory(pipeline_config, hf)
     assert planned > 0
+
+
+def test_tensor_parallel_reserves_on_every_device():
+    """MAX's planner compares the figure with the free memory of all devices summed: N GPUs reserve N shares."""
+    from types import SimpleNamespace
+
+    from qwen3vl_moe.checkpoints.tiny import tiny_checkpoint
+    from qwen3vl_moe.memory import estimate_activation_memory
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(tiny_checkpoint("moe"))
+
+    def planned(devices: int) -> int:
+        model = SimpleNamespace(max_length=1024, enable_echo=False, quantization_encoding="bfloat16",
+                                device_specs=[object()] * devices)
+        runtime = SimpleNamespace(max_batch_input_tokens=8192, max_batch_size=16)
+        return estimate_activation_memory(SimpleNamespace(model=model, runtime=runtime), hf)
+
+    assert planned(4) == 4 * planned(1) == 2 * planned(2)
+    assert planned(1) > 0

@@ -1,8 +1,8 @@
 """The seed's documented ``Qwen3VLModel`` API, which MAX 26.7 renamed or dropped.
 
 ``prepare_next_token_inputs`` must build what MAX's own batch processor
-builds for the decode step (tokens, row offsets, 3-D positions, including a
-row whose image shifts its positions); ``load_model`` returns the two
+builds for the decode step (tokens, row offsets, 3-D positions relative to the
+KV cache, including a row whose image shifts its positions); ``load_model`` returns the two
 compiled graphs; ``calculate_max_seq_len`` bounds by the checkpoint;
 ``estimate_activation_memory`` is tested in test_memory_estimate.py.
 """
@@ -60,9 +60,11 @@ def test_prepare_next_token_inputs_equals_the_batch_processors_decode_step(engin
     np.testing.assert_array_equal(host(mine.tokens), tokens)
     np.testing.assert_array_equal(host(mine.input_row_offsets[0]), offsets)
     np.testing.assert_array_equal(host(mine.decoder_position_ids), positions)
+    # Positions are relative to the cache, which holds each row's prompt at the first decode step: the
+    # image row's next position is not its prompt length (its image shifted it), the text row's is.
     prompt_lengths = np.diff(host(prefill.input_row_offsets[0]))
-    # The image row's next position is not its prompt length (its image shifted it): the test sees rope deltas.
-    assert positions[0, 0] != prompt_lengths[0] and positions[0, 1] == prompt_lengths[1]
+    absolute = positions + prompt_lengths
+    assert absolute[0, 0] != prompt_lengths[0] and absolute[0, 1] == prompt_lengths[1]
 
 
 def test_prepare_next_token_inputs_refuses_a_wrong_row_count(engine, model):

@@ -76,8 +76,8 @@ from max.pipelines.architectures.qwen3vl_moe.tokenizer import Qwen3VLTokenizer a
 
 
 class Qwen3VLBatchProcessor(Qwen3VLMoeBatchProcessor):
-    """MAX's Qwen3-VL batch processor, with its empty image embeddings in the
-    graphs' dtype and a shortcut for decode steps.
+    """MAX's Qwen3-VL batch processor, with positions relative to the KV cache,
+    its empty image embeddings in the graphs' dtype and a shortcut for decode steps.
 
     Relied on (``batch_processor.py``, 26.7.0): ``empty_image_embeddings``
     builds zero-row (image, deepstack) buffers in the encoding's dtype and
@@ -86,36 +86,57 @@ class Qwen3VLBatchProcessor(Qwen3VLMoeBatchProcessor):
     computes in bfloat16, see ``model_config.Qwen3VLConfig``); the cached
     buffers are replaced by bfloat16 ones of the same shapes and devices.
 
-    ``prepare_initial_token_inputs`` builds every step's inputs anew. For a
-    context with no vision encoding pending it places the step's tokens at
-    ``processed_length + rope_delta + arange(active_length)`` in each of the
-    ``_mrope_section_length()`` MRoPE sections, its row offsets are the
-    cumulative active lengths and its image token indices are empty
+    ``prepare_initial_token_inputs`` builds every step's inputs anew, with
+    each token's absolute 3-D position in a host buffer. This package's
+    decoder graph takes positions relative to each sequence's KV cache length
+    instead, on the first device, and adds the cache lengths itself
+    (``nn.rotary.absolute_positions``): the KV cache manager passes
+    ``processed_length`` as a sequence's cache length
+    (``paged_kv_cache/cache_manager.py``, ``runtime_inputs``: plus accepted
+    draft tokens, which this architecture never has). So the general path
+    subtracts each row's ``processed_length`` from MAX's positions.
+
+    For a context with no vision encoding pending, MAX places the step's
+    tokens at ``processed_length + rope_delta + arange(active_length)`` in
+    each of the ``_mrope_section_length()`` MRoPE sections, its row offsets
+    are the cumulative active lengths and its image token indices are empty
     (``compute_multimodal_merge_indices`` only emits them for contexts that
     need vision encoding). A decode step (one token per context, none of
-    them encoding images) therefore takes the same inputs from per-context
-    offsets, with the row offsets and ``return_n_logits`` buffers, which
-    depend only on the batch size, made once (medium preset, interleaved:
-    0.30 -> 0.18 ms a step at batch 1, 0.37 -> 0.16 ms at batch 8). Any other
-    step goes to MAX's.
+    them encoding images) therefore takes, relative to the cache, each
+    row's ``rope_delta``: the same every step of a batch. Its positions,
+    row offsets and ``return_n_logits`` are device buffers made once and
+    reused while the batch is unchanged; only the tokens are copied per
+    step (medium preset, interleaved, before positions moved into the
+    graph: 0.30 -> 0.18 ms a step at batch 1, 0.37 -> 0.16 ms at batch 8).
+    Any other step goes to MAX's.
     """
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self._decode_step_buffers: dict[tuple[int, int], tuple[list[Any], Any]] = {}
+        # (the batch's rope deltas, their [sections, batch] buffer on the first device):
+        # the last decode batch's only, so that memory stays bounded whatever the traffic.
+        self._decode_positions: tuple[tuple[int, ...], Any] | None = None
 
     def prepare_initial_token_inputs(self, replica_batches, kv_cache_inputs=None, return_n_logits=1):  # type: ignore[no-untyped-def]
         import numpy as np
         from max.driver import Buffer
 
+        devices = self.runtime.devices
         batch = replica_batches[0] if len(replica_batches) == 1 else ()
         if not batch or kv_cache_inputs is None or any(
             ctx.needs_vision_encoding or ctx.tokens.active_length != 1 for ctx in batch
         ):
-            return super().prepare_initial_token_inputs(
+            inputs = super().prepare_initial_token_inputs(
                 replica_batches, kv_cache_inputs=kv_cache_inputs, return_n_logits=return_n_logits
             )
-        devices = self.runtime.devices
+            absolute = inputs.decoder_position_ids.to_numpy()
+            cached = np.repeat(
+                np.array([ctx.tokens.processed_length for ctx in batch], dtype=np.int64),
+                [ctx.tokens.active_length for ctx in batch],
+            )
+            inputs.decoder_position_ids = Buffer.from_numpy(np.ascontiguousarray(absolute - cached)).to(devices[0])
+            return inputs
         key = (len(batch), return_n_logits)
         if key not in self._decode_step_buffers:
             offsets = Buffer.from_numpy(np.arange(len(batch) + 1, dtype=np.uint32))
@@ -124,16 +145,15 @@ class Qwen3VLBatchProcessor(Qwen3VLMoeBatchProcessor):
                 Buffer.from_numpy(np.array([return_n_logits], dtype=np.int64)),
             )
         row_offsets, n_logits = self._decode_step_buffers[key]
-        positions = np.fromiter(
-            (ctx.tokens.processed_length + ctx.rope_delta for ctx in batch), dtype=np.int64, count=len(batch)
-        )
+        deltas = tuple(int(ctx.rope_delta) for ctx in batch)
+        if self._decode_positions is None or self._decode_positions[0] != deltas:
+            relative = np.broadcast_to(np.array(deltas, dtype=np.int64), (self._mrope_section_length(), len(batch)))
+            self._decode_positions = (deltas, Buffer.from_numpy(np.ascontiguousarray(relative)).to(devices[0]))
         return Qwen3VLInputs(
             tokens=Buffer.from_numpy(np.concatenate([ctx.tokens.active for ctx in batch])).to(devices[0]),
             input_row_offsets=row_offsets,
             signal_buffers=list(self.runtime.signal_buffers),
-            decoder_position_ids=Buffer.from_numpy(
-                np.ascontiguousarray(np.broadcast_to(positions, (self._mrope_section_length(), len(batch))))
-            ),
+            decoder_position_ids=self._decode_positions[1],
             return_n_logits=n_logits,
             kv_cache_inputs=kv_cache_inputs,
             image_token_indices=self.empty_image_token_indices(),

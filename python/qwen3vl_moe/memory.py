@@ -95,8 +95,20 @@ def largest_step(pipeline_config: Any) -> StepShape:
 
 
 def estimate_activation_memory(pipeline_config: Any, huggingface_config: Any) -> int:
-    """Activation bytes of the largest step ``pipeline_config`` admits for this checkpoint."""
-    return estimate_activation_bytes(ModelArgs.from_config(huggingface_config), largest_step(pipeline_config))
+    """Activation bytes of the largest step ``pipeline_config`` admits for this checkpoint, over all its devices.
+
+    MAX's planner subtracts this figure from the free memory summed over the
+    devices (``max/pipelines/lib/memory_estimation.py``, ``_free_memory`` and
+    ``_available_kv_cache_memory``), so it must be a sum too. Over N GPUs
+    (tensor parallel) every device holds at most one device's activations:
+    the residual stream, the router logits and the vision outputs are
+    replicated, the attention heads and expert intermediates are split. So
+    N times the one-device estimate bounds the sum (the vision encoder runs
+    on the first device only, inside that bound).
+    """
+    devices = max(len(pipeline_config.model.device_specs), 1)
+    one_device = estimate_activation_bytes(ModelArgs.from_config(huggingface_config), largest_step(pipeline_config))
+    return devices * one_device
 
 
 class Qwen3VLMemoryPlanner(PagedMemoryPlanner):

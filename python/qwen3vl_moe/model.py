@@ -31,6 +31,7 @@ from .kernels import kernel_extension
 from .max_compat import (
     BuiltinQwen3VLModel,
     GroupMemberSpec,
+    Qwen3VLBatchProcessor,
     Qwen3VLInputs,
     Qwen3VLMoeBatchProcessor,
     fail_batch_on_execute_error,
@@ -94,6 +95,11 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
     """Qwen3-VL (MoE or dense) on MAX, CPU and GPU."""
 
     model_config_cls: ClassVar[type[Any]] = Qwen3VLConfig
+    # MAX binds an architecture's ``batching`` onto its pipeline model class when the registry
+    # registers it (``arch_lookup._bind_batch_processor``); `max serve`'s model worker builds the
+    # model without that registration, and the class would inherit the built-in's binding (MAX's
+    # batch processor, absolute CPU positions) from ``BuiltinQwen3VLModel``. The graphs need this one.
+    batch_processor_cls: ClassVar[type[Any]] = Qwen3VLBatchProcessor
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -138,10 +144,14 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
 
         Each row's new token sits one past the largest 3-D position of its
         row's last step, in all three sections, as MAX's batch processor and
-        transformers place text after text or images. The KV cache inputs are
-        the previous step's: the caller advances them through its KV cache
-        manager (in MAX 26.7 the batch processor builds decode inputs; this
-        keeps the seed API's single-step helper).
+        transformers place text after text or images. Positions are relative
+        to the row's KV cache length (see ``Qwen3VLBatchProcessor``), which
+        grows by the row's tokens of the previous step, so the new relative
+        position is the last token's largest one + 1 - that step's length of
+        the row. The KV cache inputs are the previous step's: the caller
+        advances them through its KV cache manager (in MAX 26.7 the batch
+        processor builds decode inputs; this keeps the seed API's single-step
+        helper).
         """
         assert isinstance(prev_model_inputs, Qwen3VLInputs)
         host = CPU()
@@ -150,7 +160,7 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
         batch = len(offsets) - 1
         if int(next_tokens.shape[0]) != batch:
             raise ValueError(f"next_tokens has {next_tokens.shape[0]} rows; the previous step had {batch}")
-        following = positions[:, offsets[1:] - 1].max(axis=0) + 1
+        following = positions[:, offsets[1:] - 1].max(axis=0) + 1 - np.diff(offsets)
         row_offsets = Buffer.from_numpy(np.arange(batch + 1, dtype=np.uint32))
         batch_processor = self.batch_processor
         assert isinstance(batch_processor, Qwen3VLMoeBatchProcessor)
@@ -160,7 +170,7 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
             signal_buffers=self.signal_buffers,
             decoder_position_ids=Buffer.from_numpy(np.ascontiguousarray(
                 np.broadcast_to(following, (positions.shape[0], batch)), dtype=np.int64,
-            )),
+            )).to(self.devices[0]),
             return_n_logits=prev_model_inputs.return_n_logits,
             kv_cache_inputs=prev_model_inputs.kv_cache_inputs,
             image_token_indices=batch_processor.empty_image_token_indices(),

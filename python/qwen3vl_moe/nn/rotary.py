@@ -34,6 +34,29 @@ def mrope_axis_selector(head_dim: int, section: list[int]) -> np.ndarray:
     return selector
 
 
+def absolute_positions(
+    relative: TensorValue, cache_lengths: TensorValue, input_row_offsets: TensorValue
+) -> TensorValue:
+    """3-D positions [3, T] int64: each token's ``relative`` position plus its row's KV cache length.
+
+    The host passes positions relative to what each sequence has cached, so a
+    decode step's input is the sequence's ``rope_delta`` in all three sections:
+    the same every step. A steady decode therefore copies no positions to the
+    device, and a captured device graph (whose host inputs are frozen at
+    capture) still sees the right positions. The token's row is the number of
+    rows that end at or before it (``input_row_offsets[1:] <= t``): a
+    [T, batch] comparison, negligible beside a step's matmuls, and made of
+    elementwise ops and a sum that every device compiles.
+    """
+    device = relative.device
+    tokens = relative.shape[1]
+    t = ops.range(0, tokens, 1, out_dim=tokens, dtype=DType.int64, device=device)
+    ends = ops.cast(input_row_offsets[1:], DType.int64)
+    rows = ops.sum(ops.cast(ops.unsqueeze(t, 1) >= ops.unsqueeze(ends, 0), DType.int32), axis=1)
+    cached = ops.gather(ops.cast(cache_lengths, DType.int64), ops.squeeze(rows, 1), axis=0)
+    return relative + ops.unsqueeze(cached, 0)
+
+
 class InterleavedMRope:
     """Builds per-token cos/sin tables [T, head_dim] from 3-D position ids."""
 

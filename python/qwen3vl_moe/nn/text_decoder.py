@@ -4,7 +4,10 @@ Its graph inputs are those of MAX's built-in Qwen3-VL language graph, in the
 same order, so the built-in batch processor and tokenizer drive it unchanged:
 tokens, return_n_logits, row offsets, image embeddings, deepstack embeddings,
 image token indices, 3-D position ids, signal buffers, KV cache (the per-device
-ones once per device).
+ones once per device). One difference: the position ids are on the first
+device and relative to each sequence's KV cache length, which the graph adds
+(``rotary.absolute_positions``); this package's batch processor
+(``max_compat.Qwen3VLBatchProcessor``) builds them so.
 
 Over N > 1 GPUs the layers are sharded as MAX's built-in Qwen3-VL shards them
 (attention heads, the dense MLP's and every expert's intermediate dimension;
@@ -43,7 +46,7 @@ from ..model_config import ModelArgs, Qwen3VLConfig
 from .attention import TextAttention
 from .linear import StreamingLinear
 from .mlp import DenseMLP, SparseMoE
-from .rotary import InterleavedMRope
+from .rotary import InterleavedMRope, absolute_positions
 
 
 class TextDecoderLayer(Module):
@@ -194,7 +197,8 @@ class Qwen3VLTextDecoder(Module):
             image_embeddings=per_device(self.dtype, embeddings),
             deepstack_embeddings=tuple(per_device(self.dtype, embeddings) for _ in range(self.num_deepstack_layers)),
             image_token_indices=per_device(DType.int32, ["total_image_tokens"]),
-            position_ids=TensorType(DType.int64, [3, "total_seq_len"], DeviceRef.CPU()),
+            # relative to each sequence's cache length, on the device: see rotary.absolute_positions
+            position_ids=TensorType(DType.int64, [3, "total_seq_len"], self.devices[0]),
             signals=signal_inputs(list(self.devices)) if len(self.devices) > 1 else OrderedDict(signal=()),
             kv=kv_params.get_symbolic_inputs(),
         )
@@ -260,7 +264,11 @@ class Qwen3VLTextDecoder(Module):
         signal_buffers: list[BufferValue],
         kv_collections: list[PagedCacheValues],
     ) -> tuple[TensorValue, ...]:
-        """Per-device inputs are lists (one entry per device); deepstack: per level, per device."""
+        """Per-device inputs are lists (one entry per device); deepstack: per level, per device.
+
+        ``position_ids``: [3, T] on the first device, each token's position
+        minus its sequence's KV cache length.
+        """
         sharded = len(self.devices) > 1
         if sharded:
             embedded = self.embed_tokens(tokens, signal_buffers)
@@ -272,7 +280,8 @@ class Qwen3VLTextDecoder(Module):
             merge_multimodal_embeddings(e, emb, idx)
             for e, emb, idx in zip(embedded, image_embeddings, image_token_indices, strict=True)
         ]
-        cos, sin = zip(*(self.rope.cos_sin(position_ids, device) for device in self.devices))
+        positions = absolute_positions(position_ids, kv_collections[0].cache_lengths, input_row_offsets[0])
+        cos, sin = zip(*(self.rope.cos_sin(positions, device) for device in self.devices))
         fresh_prefill = self._fresh_prefill(kv_collections[0])
         # Only each sequence's last token has its logits returned (serving): the last
         # layer computes those rows alone after attention, as llama.cpp does (a
