@@ -3,6 +3,7 @@
 #   gate_up.mojo  "qwen3vl_moe_gate_up"  grouped gate_up GEMM with the SwiGLU epilogue
 #   down.mojo     "qwen3vl_moe_down"     grouped down GEMM, routing weight, un-permute, sum over top-k
 #   linear.mojo   "qwen3vl_linear"       y = x @ W^T in the checkpoint's layout (weight stream for few rows)
+#   qkv.mojo      "qwen3vl_attention_qkv" an attention layer's q/k/v, q/k RMSNorm and rope in one op (CPU)
 # Implementation, one concern a file:
 #   contiguity.mojo         the ops' input check: every tensor dense row-major
 #   routing.mojo            routing, CPU and GPU
@@ -13,4 +14,4 @@
 #   cpu_moe.mojo            CPU drivers of the grouped GEMMs and the combine
 #   cpu_linear.mojo         CPU dense linear for few rows
 #   gpu_moe.mojo            GPU kernels of the grouped GEMMs and the combine
-# Python wrappers: qwen3vl_moe.kernels.moe and .linear. GPU check: bench/gpu/check_moe.mojo.
+# Python wrappers: qwen3vl_moe.kernels.moe, .linear and .qkv. GPU check: bench/gpu/check_moe.mojo.

@@ -59,6 +59,27 @@ def _linear_block[
         n += 1
 
 
+def linear_rows_block[
+    dtype: DType, wdtype: DType
+](
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
+    M: Int, n0: Int, n1: Int, N: Int, K: Int,
+):
+    """Computes y[:, n0 ..< n1] = x @ W[n0 ..< n1]^T (y rows N apart) on the calling thread.
+
+    Register tiles (rows x weight rows): 1x8, 2x8, 4x6, 8x3, at most 24 accumulators."""
+    if M == 1:
+        _linear_block[dtype, wdtype, 1, 8](y, x, w, M, n0, n1, N, K)
+    elif M == 2:
+        _linear_block[dtype, wdtype, 2, 8](y, x, w, M, n0, n1, N, K)
+    elif M <= 4:
+        _linear_block[dtype, wdtype, 4, 6](y, x, w, M, n0, n1, N, K)
+    else:
+        _linear_block[dtype, wdtype, 8, 3](y, x, w, M, n0, n1, N, K)
+
+
 def linear_rows_cpu[
     dtype: DType, wdtype: DType
 ](
@@ -67,21 +88,11 @@ def linear_rows_cpu[
     w: Pointer[Scalar[wdtype], MutAnyOrigin],
     M: Int, N: Int, K: Int,
 ):
-    """Computes y = x @ W^T for a few rows of x (W [N, K] row-major): W streams once, row after row.
-
-    Register tiles (rows x weight rows): 1x8, 2x8, 4x6, 8x3, at most 24 accumulators."""
+    """Computes y = x @ W^T for a few rows of x (W [N, K] row-major): W streams once, row after row."""
     var tasks = ceildiv(N, LIN_ROWS_PER_TASK)
 
     def task(t: Int, wk: Int) {var y, var x, var w, var M, var N, var K}:
         var n0 = t * LIN_ROWS_PER_TASK
-        var n1 = min(n0 + LIN_ROWS_PER_TASK, N)
-        if M == 1:
-            _linear_block[dtype, wdtype, 1, 8](y, x, w, M, n0, n1, N, K)
-        elif M == 2:
-            _linear_block[dtype, wdtype, 2, 8](y, x, w, M, n0, n1, N, K)
-        elif M <= 4:
-            _linear_block[dtype, wdtype, 4, 6](y, x, w, M, n0, n1, N, K)
-        else:
-            _linear_block[dtype, wdtype, 8, 3](y, x, w, M, n0, n1, N, K)
+        linear_rows_block[dtype, wdtype](y, x, w, M, n0, min(n0 + LIN_ROWS_PER_TASK, N), N, K)
 
     run_dynamic(task, tasks)

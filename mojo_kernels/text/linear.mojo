@@ -70,6 +70,26 @@ def _matmul_converted[
     _ = yc^
 
 
+def matmul_cpu[
+    dtype: DType, wdtype: DType
+](
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
+    M: Int, N: Int, K: Int,
+    ctx: DeviceContext,
+) raises:
+    """Computes y = x @ W^T through MAX's packed GEMM (many rows; qwen3vl_linear's path above
+    GEMV_MAX_ROWS), for callers that hold raw pointers."""
+    comptime if wdtype == dtype:
+        matmul[transpose_b=True, target="cpu"](
+            TileTensor(y, row_major((M, N))), TileTensor(x, row_major((M, K))),
+            TileTensor(w, row_major((N, K))), ctx,
+        )
+    else:
+        _matmul_converted[dtype, wdtype](y, x, w, M, N, K, ctx)
+
+
 @extensibility.register("qwen3vl_linear")
 struct Linear:
     """Computes y = x @ W^T with W in the checkpoint's [N, K] layout (no bias).

@@ -7,6 +7,10 @@ flash_attention_ragged at 512 tokens); any other step (decode, or a prefill
 after a cached prefix) uses flash_attention_ragged over the cache. On GPU the
 latter always.
 
+On CPU with float32 activations, q/k/v, their RMSNorm and rope are one op
+(``kernels.qkv``: one fork/join of the workers instead of seven kernels);
+GPU, FP8 and the tensor-parallel shards keep the separate ops.
+
 Tensor parallel (:meth:`TextAttention.shard`, as MAX's built-in Qwen3-VL):
 each device holds whole heads, ``num_heads / N`` query heads and
 ``num_kv_heads / N`` KV heads (q/k/v split by rows, o_proj by the matching
@@ -26,7 +30,8 @@ from max.nn.layer import Module
 from max.nn.norm import RMSNorm
 
 from ..kernels.attention import varlen_attention
-from .linear import shard_linear
+from ..kernels.qkv import attention_qkv
+from .linear import StreamingLinear, shard_linear
 from .mlp import text_linear
 from .rotary import apply_rotary
 
@@ -75,10 +80,7 @@ class TextAttention(Module):
         """``fresh_prefill``: scalar bool (CPU), true when no sequence has cached tokens.
         ``rows``: when given, only these rows' outputs are projected and returned (every
         row's k/v still enters the cache)."""
-        q = self.q_norm(ops.reshape(self.q_proj(x), [-1, self.num_heads, self.head_dim]))
-        k = self.k_norm(ops.reshape(self.k_proj(x), [-1, self.num_kv_heads, self.head_dim]))
-        v = ops.reshape(self.v_proj(x), [-1, self.num_kv_heads, self.head_dim])
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self._qkv(x, cos, sin)
         store_k_cache_ragged(kv_collection, k, input_row_offsets, layer_idx)
         store_v_cache_ragged(kv_collection, v, input_row_offsets, layer_idx)
         scale = self.head_dim**-0.5
@@ -105,6 +107,23 @@ class TextAttention(Module):
             )[0]
         out = ops.reshape(out, [-1, self.num_heads * self.head_dim])
         return self.o_proj(out if rows is None else ops.gather(out, rows, axis=0))
+
+    def _qkv(self, x: TensorValue, cos: TensorValue, sin: TensorValue) -> tuple[TensorValue, ...]:
+        """q and k normalised and rotated, and v, each [T, heads, head_dim]."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        per_head = ([-1, self.num_heads, self.head_dim], [-1, self.num_kv_heads, self.head_dim])
+        if x.dtype == DType.float32 and all(
+            isinstance(p, StreamingLinear) and p.runs_cpu_op(x) for p in projections
+        ):
+            q, k, v = attention_qkv(
+                x, *(p.weight for p in projections), self.q_norm.weight.cast(x.dtype),
+                self.k_norm.weight.cast(x.dtype), cos, sin, eps=self.rms_norm_eps,
+            )
+            return ops.reshape(q, per_head[0]), ops.reshape(k, per_head[1]), ops.reshape(v, per_head[1])
+        q = self.q_norm(ops.reshape(self.q_proj(x), per_head[0]))
+        k = self.k_norm(ops.reshape(self.k_proj(x), per_head[1]))
+        v = ops.reshape(self.v_proj(x), per_head[1])
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def shard(self, devices: Sequence[DeviceRef]) -> list[TextAttention]:
         """One attention per device over its share of the heads (MAX's built-in split).

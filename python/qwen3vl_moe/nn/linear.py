@@ -20,10 +20,14 @@ class StreamingLinear(Linear):
     """
 
     def __call__(self, x: TensorValue) -> TensorValue:
-        plain = self.bias is None and self.weight.quantization_encoding is None
-        if self.device.is_cpu() and plain and x.rank == 2:
+        if self.runs_cpu_op(x):
             return linear(x, self.weight)  # the weight may be bfloat16 under float32 x
         return super().__call__(x)
+
+    def runs_cpu_op(self, x: TensorValue) -> bool:
+        """Whether ``x`` goes through this package's CPU op (no bias or quantization, [M, K] x on CPU)."""
+        plain = self.bias is None and self.weight.quantization_encoding is None
+        return self.device.is_cpu() and plain and x.rank == 2
 
 
 def shard_linear(layer: Linear, strategy: ShardingStrategy, devices: Sequence[DeviceRef]) -> list[Linear]:
