@@ -517,7 +517,25 @@ def _experts_as_cpu_panels(
             w = np.swapaxes(w, 1, 2)  # as the hub layout (a view; the packing copies once)
         groups = 2 if name.endswith("gate_up_proj") else 1
         weights[name] = _from_bits(pack_expert_panels(w, groups, pairs=data.dtype == DType.bfloat16), data.dtype, name)
+        _page_out(w)
         del data, w
+
+
+def _page_out(a: np.ndarray) -> None:
+    """Asks the kernel to reclaim the pages of a tensor no longer needed (MADV_PAGEOUT).
+
+    The checkpoint's experts are memory-mapped: once read for the packing, their
+    pages would stay in this process's RSS beside the panels until the file is
+    unmapped. Clean file pages are dropped (re-read if touched again), anonymous
+    ones swapped at most: no data is lost whatever the memory is. Best effort.
+    """
+    import ctypes
+    import mmap
+
+    start = -(-a.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE     # whole pages inside the tensor only
+    end = (a.ctypes.data + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # MADV_PAGEOUT
 
 
 def _numpy(data: WeightData) -> np.ndarray:
