@@ -282,8 +282,10 @@ def test_moe_rejects_bad_weights(moe_model):
     with pytest.raises(ValueError, match="qwen3vl_moe_gate_up"):
         moe_model.execute(*bufs)
     bufs = model_inputs(x, logits, gu, dn)
-    wide = np.concatenate([gu, np.zeros_like(gu[:, :, :64])], axis=2)    # I + 32: one panel too many
+    wide = np.concatenate([gu, np.zeros(gu.shape[:2] + (64,), gu.dtype)], axis=2)   # I + 32: one panel too many
     bufs[6] = Buffer.from_numpy(pack_expert_panels(wide, 2, pairs=False))
+    bits = Buffer.from_numpy(pack_expert_panels(bf16_bits(wide), 2, pairs=True))   # both (one symbolic dim)
+    bufs[8] = bits.view(BF16, bits.shape)
     with pytest.raises(ValueError, match="qwen3vl_moe_gate_up_panels"):
         moe_model.execute(*bufs)
 
