@@ -66,6 +66,35 @@ def dense_gemm_fn(n: int = 2048):
 
 
 # ----------------------------------------------------------------------------- MoE
+def bf16_buffer(a: np.ndarray):
+    """A bfloat16 Buffer of a float32 array (numpy has no bf16: through torch and dlpack)."""
+    from max.driver import Buffer
+
+    return Buffer.from_dlpack(torch.from_numpy(a).bfloat16())
+
+
+def expert_weights(layout: str, gu_hub: np.ndarray, dn_hub: np.ndarray, dtype) -> list:
+    """(gate_up, down) Buffers from hub-layout float32 experts, in ``layout`` and ``dtype``."""
+    from max.driver import Buffer
+    from max.dtype import DType
+
+    from qwen3vl_moe.kernels.moe import pack_expert_panels
+
+    arrays = {"hub": (gu_hub, dn_hub), "panels": (gu_hub, dn_hub),
+              "transformers": (gu_hub.transpose(0, 2, 1), dn_hub.transpose(0, 2, 1))}[layout]
+    if layout != "panels":
+        return [Buffer.from_numpy(np.ascontiguousarray(a)) if dtype == DType.float32 else
+                bf16_buffer(np.ascontiguousarray(a)) for a in arrays]
+    if dtype == DType.float32:
+        return [Buffer.from_numpy(pack_expert_panels(a, g, pairs=False)) for a, g in zip(arrays, (2, 1))]
+    out = []
+    for a, g in zip(arrays, (2, 1)):
+        bits = torch.from_numpy(a).bfloat16().view(torch.int16).numpy().view(np.uint16)
+        b = Buffer.from_numpy(pack_expert_panels(bits, g, pairs=True))
+        out.append(b.view(DType.bfloat16, b.shape))
+    return out
+
+
 def bench_moe(args) -> None:
     """Grouped MoE experts (route + gate_up/SwiGLU + down/combine) vs a torch per-expert loop."""
     from max.driver import CPU, Buffer
@@ -74,7 +103,7 @@ def bench_moe(args) -> None:
     from max.graph import DeviceRef, Graph, TensorType
 
     from qwen3vl_moe.kernels import kernel_package
-    from qwen3vl_moe.kernels.moe import moe_experts
+    from qwen3vl_moe.kernels.moe import moe_experts, moe_experts_panels
 
     T, E, K, H, I = args.moe_shape
     flops = 2.0 * T * K * (H * 2 * I + I * H)
@@ -85,11 +114,6 @@ def bench_moe(args) -> None:
     logits = rng.standard_normal((T, E)).astype(np.float32)
     gu_hub = (rng.standard_normal((E, H, 2 * I)) / np.sqrt(H)).astype(np.float32)
     dn_hub = (rng.standard_normal((E, I, H)) / np.sqrt(I)).astype(np.float32)
-    layouts = {
-        "hub": (True, gu_hub, dn_hub),
-        "transformers": (False, np.ascontiguousarray(gu_hub.transpose(0, 2, 1)),
-                         np.ascontiguousarray(dn_hub.transpose(0, 2, 1))),
-    }
 
     # torch reference: per-expert matmul loop (routing included), hub layout x @ W[e]
     xt, lt = torch.from_numpy(x), torch.from_numpy(logits)
@@ -113,30 +137,33 @@ def bench_moe(args) -> None:
     print(f"MoE experts on CPU ({torch.get_num_threads()} torch threads): T={T} E={E} top-{K} "
           f"H={H} I={I}; {flops / 1e9:.2f} GFLOP per call")
 
-    dtypes = ["f32"] + (["bf16"] if args.bf16 else [])
+    # f32; bf16 (activations and weights); mixed: float32 activations, bfloat16 weights
+    dtypes = ["f32"] + (["bf16"] if args.bf16 else []) + (["mixed"] if args.mixed else [])
     for dt in dtypes:
         for name in args.layouts:
-            hub, gu, dn = layouts[name]
-            mdt = DType.float32 if dt == "f32" else DType.bfloat16
-            ins = [TensorType(mdt, s, dev) for s in (["T", H], ["T", E], gu.shape, dn.shape)]
+            hub = name == "hub"
+            xdt = DType.bfloat16 if dt == "bf16" else DType.float32
+            bufs = [Buffer.from_numpy(a) if xdt == DType.float32 else bf16_buffer(a) for a in (x, logits)]
+            bufs += expert_weights(name, gu_hub, dn_hub, DType.float32 if dt == "f32" else DType.bfloat16)
+            ins = [TensorType(xdt, s, dev) for s in (["T", H], ["T", E])]
+            ins += [TensorType(b.dtype, b.shape, dev) for b in bufs[2:]]
             t0 = time.perf_counter()
             with Graph(f"bench_moe_{dt}_{name}", input_types=ins,
                        custom_extensions=[kernel_package("text")]) as g:
                 xv, lv, guv, dnv = (v.tensor for v in g.inputs)
-                y = moe_experts(xv, lv, guv, dnv, top_k=K, weights_hub_layout=hub)
+                if name == "panels":
+                    y = moe_experts_panels(xv, lv, guv, dnv, top_k=K, intermediate_size=I)
+                else:
+                    y = moe_experts(xv, lv, guv, dnv, top_k=K, weights_hub_layout=hub)
                 g.output(y)
             model = session.load(g)
             compile_s = time.perf_counter() - t0
-            if dt == "f32":
-                bufs = [Buffer.from_numpy(a) for a in (x, logits, gu, dn)]
-            else:   # bf16 inputs (numpy has no bf16): through torch and dlpack
-                bufs = [Buffer.from_dlpack(torch.from_numpy(a).bfloat16()) for a in (x, logits, gu, dn)]
 
             def ours(model=model, bufs=bufs):
                 model.execute(*bufs)
 
             contenders = {"ours": ours, "torch_loop": torch_loop, "dense": dense}
-            if dt == "bf16":
+            if dt != "f32":
                 xb, w1b, w2b = xt.bfloat16(), w1.bfloat16(), w2.bfloat16()
                 contenders["torch_loop"] = lambda: torch_loop(torch.bfloat16, xb, w1b, w2b)
             med, fast = timed_blocks(contenders, args.warmup, args.repeats)
@@ -162,7 +189,7 @@ def bench_weight_dtypes(args) -> None:
 
     from qwen3vl_moe.kernels import kernel_package
     from qwen3vl_moe.kernels.linear import linear
-    from qwen3vl_moe.kernels.moe import moe_experts
+    from qwen3vl_moe.kernels.moe import moe_experts, moe_experts_panels
 
     # Qwen3-VL-30B-A3B's expert dims (E=128, top-8, H=2048, I=768) and a 16384 x 2048
     # projection: the weights touched per call are far larger than the caches.
@@ -184,27 +211,28 @@ def bench_weight_dtypes(args) -> None:
                    custom_extensions=[kernel_package("text")]) as g:
             g.output(linear(g.inputs[0].tensor, g.inputs[1].tensor))
         lin = session.load(g)
-        with Graph(f"bench_decode_moe_{wdt}", input_types=ins[:2] + ins[3:],
-                   custom_extensions=[kernel_package("text")]) as g:
-            xv, lv, guv, dnv = (v.tensor for v in g.inputs)
-            g.output(moe_experts(xv, lv, guv, dnv, top_k=K, weights_hub_layout=True))
-        moe = session.load(g)
-        cast = (lambda a: Buffer.from_numpy(a)) if wdt == "f32" else \
-            (lambda a: Buffer.from_dlpack(torch.from_numpy(a).bfloat16()))
         xb, lb = Buffer.from_numpy(x), Buffer.from_numpy(logits)
-        wb, gub, dnb = cast(w), cast(gu), cast(dn)
+        wb = Buffer.from_numpy(w) if wdt == "f32" else bf16_buffer(w)
         calls[f"linear {wdt}"] = (lambda m=lin, a=xb, b=wb: m.execute(a, b), N * H)
-        calls[f"moe {wdt}"] = (lambda m=moe, a=xb, b=lb, c=gub, d=dnb: m.execute(a, b, c, d),
-                               experts_touched * 3 * H * I)
+        for lay in ("hub", "panels"):
+            gub, dnb = expert_weights(lay, gu, dn, mdt)
+            with Graph(f"bench_decode_moe_{lay}_{wdt}", input_types=ins[:2] + [
+                    TensorType(mdt, b.shape, dev) for b in (gub, dnb)], custom_extensions=[kernel_package("text")]) as g:
+                xv, lv, guv, dnv = (v.tensor for v in g.inputs)
+                g.output(moe_experts_panels(xv, lv, guv, dnv, top_k=K, intermediate_size=I) if lay == "panels"
+                         else moe_experts(xv, lv, guv, dnv, top_k=K, weights_hub_layout=True))
+            moe = session.load(g)
+            calls[f"moe {lay} {wdt}"] = (lambda m=moe, a=xb, b=lb, c=gub, d=dnb: m.execute(a, b, c, d),
+                                         experts_touched * 3 * H * I)
     t = timed_rounds({k: f for k, (f, _) in calls.items()}, args.warmup, args.repeats)
     print(f"Decode-shaped ops, {M} row(s), float32 activations: linear [{N}, {H}]; MoE E={E} top-{K} H={H} I={I} "
           f"({experts_touched} experts touched); median of {args.repeats} interleaved rounds")
-    for op in ("linear", "moe"):
+    for op in ("linear", "moe hub", "moe panels"):
         for wdt, size in (("f32", 4), ("bf16", 2)):
             sec = t[f"{op} {wdt}"]
-            print(f"  {op:6s} {wdt:4s} weights: {sec * 1e3:7.2f} ms, {calls[f'{op} {wdt}'][1] * size / sec / 1e9:6.1f} GB/s "
+            print(f"  {op:10s} {wdt:4s} weights: {sec * 1e3:7.2f} ms, {calls[f'{op} {wdt}'][1] * size / sec / 1e9:6.1f} GB/s "
                   "of weights read")
-        print(f"  {op:6s} bf16 / f32 speed: {t[f'{op} f32'] / t[f'{op} bf16']:.2f}x")
+        print(f"  {op:10s} bf16 / f32 speed: {t[f'{op} f32'] / t[f'{op} bf16']:.2f}x")
 
 
 # ----------------------------------------------------------------------------- vision
@@ -335,9 +363,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--moe-shape", type=int, nargs=5, default=[512, 32, 4, 1024, 384],
                     metavar=("T", "E", "TOPK", "H", "I"))
-    ap.add_argument("--layouts", nargs="+", default=["hub", "transformers"],
-                    choices=["hub", "transformers"], help="MoE weight layouts")
+    ap.add_argument("--layouts", nargs="+", default=["hub", "transformers", "panels"],
+                    choices=["hub", "transformers", "panels"], help="MoE weight layouts (panels: packed for the CPU)")
     ap.add_argument("--bf16", action="store_true", help="MoE: also the bfloat16 variant")
+    ap.add_argument("--mixed", action="store_true", help="MoE: also float32 activations with bfloat16 weights")
     ap.add_argument("--decode-rows", type=int, default=1, help="weight_dtypes: rows (tokens) per call")
     args = ap.parse_args(argv)
     if args.list:

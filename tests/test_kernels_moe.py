@@ -1,8 +1,9 @@
 """Tests of the MoE custom ops (mojo_kernels/text) through qwen3vl_moe.kernels.moe.
 
 One module-scoped CPU graph with symbolic T, H, E, I holds every variant under test
-(top_k in TOP_KS x {hub, transformers} weight layout x {float32, bfloat16 cast inside
-the graph, bfloat16 weights under float32 activations (CPU)}) plus the routing outputs, so all hypothesis examples reuse one compiled
+(top_k in TOP_KS x {hub, transformers, CPU panels packed by pack_expert_panels} weight
+layout x {float32, bfloat16 cast inside the graph, bfloat16 weights under float32
+activations (CPU)}) plus the routing outputs, so all hypothesis examples reuse one compiled
 model. References:
   * float32: numpy/torch re-implementation of transformers 5.12.1's grouped_mm experts
     path (softmax f32, top-k, renormalise f32, per-expert GEMMs, weight multiply,
@@ -34,19 +35,20 @@ from max.dtype import DType
 from max.graph import DeviceRef, Graph, TensorType, ops
 
 from kernel_harness import GPU_COMPILE_FLAG, assert_gpu_compile, gpu_compile_main, precompile
-from qwen3vl_moe.kernels.moe import moe_experts, moe_route
+from qwen3vl_moe.kernels.moe import moe_experts, moe_experts_panels, moe_route, pack_expert_panels
 
 pytestmark = pytest.mark.slow  # every test here runs compiled graphs
 
 F32, BF16 = DType.float32, DType.bfloat16
 TOP_KS = (1, 3, 8)          # compile-time parameter of qwen3vl_moe_route: one instantiation each
 MIN_E = max(TOP_KS)
-LAYOUTS = (True, False)     # weights_hub_layout
+LAYOUTS = ("hub", "transformers", "panels")   # panels: CPU only
 N_OUT_PER_K = 4 + 3 * len(LAYOUTS)   # ids, weights, perm, offsets, then y f32 / bf16 / mixed per layout
 
 
 def build_moe_graph(dev: DeviceRef, pkg: Path, top_ks=TOP_KS) -> Graph:
     """Every variant in one graph; symbolic T, H, E, I (and I2 = 2I, checked by the ops)."""
+    cpu = dev.is_cpu()
     ins = [
         TensorType(F32, ["T", "H"], dev),          # x
         TensorType(F32, ["T", "E"], dev),          # router logits
@@ -55,24 +57,36 @@ def build_moe_graph(dev: DeviceRef, pkg: Path, top_ks=TOP_KS) -> Graph:
         TensorType(F32, ["E", "I2", "H"], dev),    # gate_up, transformers layout
         TensorType(F32, ["E", "H", "I"], dev),     # down, transformers layout
     ]
+    if cpu:  # panels (pack_expert_panels): float32, and bfloat16 in k-pairs
+        ins += [
+            TensorType(F32, ["E", "NPg", "H", 64], dev),
+            TensorType(F32, ["E", "NPd", "I", 64], dev),
+            TensorType(BF16, ["E", "NPg", "Hh", 128], dev),
+            TensorType(BF16, ["E", "NPd", "Ih", 128], dev),
+        ]
     with Graph("test_moe", input_types=ins, custom_extensions=[pkg]) as g:
-        x, logits, gu_hub, dn_hub, gu_tf, dn_tf = (v.tensor for v in g.inputs)
-        weights = {True: (gu_hub, dn_hub), False: (gu_tf, dn_tf)}
+        x, logits, gu_hub, dn_hub, gu_tf, dn_tf, *panels = (v.tensor for v in g.inputs)
+        weights = {"hub": (gu_hub, dn_hub), "transformers": (gu_tf, dn_tf)}
         b = lambda v: ops.cast(v, BF16)
-        weights_bf16 = {hub: (b(gu), b(dn)) for hub, (gu, dn) in weights.items()}
+        weights_bf16 = {lay: (b(gu), b(dn)) for lay, (gu, dn) in weights.items()}
+        if cpu:
+            weights["panels"], weights_bf16["panels"] = (panels[0], panels[1]), (panels[2], panels[3])
         xb, lb = b(x), b(logits)
         outs = []
         for k in top_ks:
             r = moe_route(logits, top_k=k)
             outs += [r.ids, r.weights, r.perm, r.offsets]
-            for hub in LAYOUTS:
-                gu, dn = weights[hub]
-                outs.append(moe_experts(x, logits, gu, dn, top_k=k, weights_hub_layout=hub))
-                gub, dnb = weights_bf16[hub]
-                yb = moe_experts(xb, lb, gub, dnb, top_k=k, weights_hub_layout=hub)
-                outs.append(ops.cast(yb, F32))
-                if dev.is_cpu():  # bfloat16 weights under float32 x: a CPU path only
-                    outs.append(moe_experts(x, logits, gub, dnb, top_k=k, weights_hub_layout=hub))
+            for lay in weights:
+                def experts(x, logits, gu, dn):
+                    if lay == "panels":
+                        return moe_experts_panels(x, logits, gu, dn, top_k=k, intermediate_size=dn_hub.shape[1])
+                    return moe_experts(x, logits, gu, dn, top_k=k, weights_hub_layout=lay == "hub")
+                gu, dn = weights[lay]
+                outs.append(experts(x, logits, gu, dn))
+                gub, dnb = weights_bf16[lay]
+                outs.append(ops.cast(experts(xb, lb, gub, dnb), F32))
+                if cpu:  # bfloat16 weights under float32 x: a CPU path only
+                    outs.append(experts(x, logits, gub, dnb))
         g.output(*outs)
     return g
 
@@ -94,21 +108,34 @@ def moe_model(moe_pkg):
     return model
 
 
-def run_model(model, x, logits, gu_hub, dn_hub):
+def bf16_bits(a):
+    """bfloat16 (round to nearest even, as the graph's cast) as uint16 bit patterns."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def model_inputs(x, logits, gu_hub, dn_hub):
+    """The graph's inputs: every layout of the same hub-layout experts."""
     from max.driver import Buffer
 
-    gu_tf = np.ascontiguousarray(gu_hub.transpose(0, 2, 1))
-    dn_tf = np.ascontiguousarray(dn_hub.transpose(0, 2, 1))
-    arrays = [x, logits, gu_hub, dn_hub, gu_tf, dn_tf]
-    outs = model.execute(*[Buffer.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+    arrays = [x, logits, gu_hub, dn_hub, gu_hub.transpose(0, 2, 1), dn_hub.transpose(0, 2, 1),
+              pack_expert_panels(gu_hub, 2, pairs=False), pack_expert_panels(dn_hub, 1, pairs=False)]
+    bufs = [Buffer.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    for w, groups in ((gu_hub, 2), (dn_hub, 1)):
+        bits = Buffer.from_numpy(pack_expert_panels(bf16_bits(w), groups, pairs=True))
+        bufs.append(bits.view(BF16, bits.shape))
+    return bufs
+
+
+def run_model(model, x, logits, gu_hub, dn_hub):
+    outs = model.execute(*model_inputs(x, logits, gu_hub, dn_hub))
     res = {}
     for i, k in enumerate(TOP_KS):
         o = [t.to_numpy() for t in outs[i * N_OUT_PER_K:(i + 1) * N_OUT_PER_K]]
         res[k] = {"ids": o[0], "weights": o[1], "perm": o[2], "offsets": o[3]}
-        for j, hub in enumerate(LAYOUTS):
-            res[k][("y", hub, "f32")] = o[4 + 3 * j]
-            res[k][("y", hub, "bf16")] = o[5 + 3 * j]
-            res[k][("y", hub, "mixed")] = o[6 + 3 * j]
+        for j, lay in enumerate(LAYOUTS):
+            res[k][("y", lay, "f32")] = o[4 + 3 * j]
+            res[k][("y", lay, "bf16")] = o[5 + 3 * j]
+            res[k][("y", lay, "mixed")] = o[6 + 3 * j]
     return res
 
 
@@ -189,14 +216,14 @@ def check_case(model, x, logits, gu, dn):
         y32 = ref_moe(x, logits, gu, dn, k)
         y16 = ref_moe(x, logits, gu, dn, k, torch.bfloat16)
         ymixed = ref_moe(x, logits, bf16_rounded(gu), bf16_rounded(dn), k)
-        for hub in LAYOUTS:
-            assert r[("y", hub, "f32")].shape == x.shape
-            e32 = rel_err(r[("y", hub, "f32")], y32)
-            e16 = rel_err(r[("y", hub, "bf16")], y16)
-            emixed = rel_err(r[("y", hub, "mixed")], ymixed)
-            assert e32 <= 1e-5, f"f32 top_k={k} hub={hub}: rel err {e32:.2e}"
-            assert e16 <= 2e-2, f"bf16 top_k={k} hub={hub}: rel err {e16:.2e}"
-            assert emixed <= 1e-5, f"bf16 weights, f32 x, top_k={k} hub={hub}: rel err {emixed:.2e}"
+        for lay in LAYOUTS:
+            assert r[("y", lay, "f32")].shape == x.shape
+            e32 = rel_err(r[("y", lay, "f32")], y32)
+            e16 = rel_err(r[("y", lay, "bf16")], y16)
+            emixed = rel_err(r[("y", lay, "mixed")], ymixed)
+            assert e32 <= 1e-5, f"f32 top_k={k} {lay}: rel err {e32:.2e}"
+            assert e16 <= 2e-2, f"bf16 top_k={k} {lay}: rel err {e16:.2e}"
+            assert emixed <= 1e-5, f"bf16 weights, f32 x, top_k={k} {lay}: rel err {emixed:.2e}"
     return res
 
 
@@ -221,11 +248,16 @@ def test_moe_matches_reference(moe_model, T, E, H, I, mode, seed):
     (33, 12, 129, 33, "empty_expert"),
     (3, MIN_E, 300, 130, "random"),        # decode: every expert streams, several k-blocks with a tail
     (20, MIN_E, 257, 70, "one_expert"),    # expert 0 in column panels, the others stream, in one call
+    (9, MIN_E, 64, 32, "random"),          # panels: whole panels only; 72 rows at top-8 (no fused combine)
+    (8, MIN_E, 63, 31, "one_expert"),      # panels: 64 rows at top-8 (fused combine), one column short
 ])
 def test_moe_edges(moe_model, T, E, H, I, mode):
     res = check_case(moe_model, *make_case(T * 1000 + H, T, E, H, I, mode))
     if mode == "one_expert":
         assert res[1]["offsets"][1] == T                  # all tokens on expert 0
+        if T > 8:  # more rows than the hub layout streams: its panel path, bit for bit
+            for dt in ("f32", "bf16", "mixed"):
+                np.testing.assert_array_equal(res[1][("y", "panels", dt)], res[1][("y", "hub", dt)])
     if mode == "empty_expert":
         for k in TOP_KS:
             off = res[k]["offsets"]
@@ -236,7 +268,7 @@ def test_moe_zero_tokens(moe_model):
     x, logits, gu, dn = make_case(0, 0, MIN_E, 16, 8, "random")
     res = run_model(moe_model, x, logits, gu, dn)
     for k in TOP_KS:
-        assert res[k][("y", True, "f32")].shape == (0, 16)
+        assert res[k][("y", "hub", "f32")].shape == (0, 16)
         np.testing.assert_array_equal(res[k]["offsets"], np.zeros(MIN_E + 1, np.int32))
 
 
@@ -244,10 +276,18 @@ def test_moe_rejects_bad_weights(moe_model):
     from max.driver import Buffer
 
     x, logits, gu, dn = make_case(1, 4, MIN_E, 16, 8, "random")
-    gu = gu[:, :, :-1]                  # 2I - 1 gate_up columns
-    arrays = [x, logits, gu, dn, gu.transpose(0, 2, 1), dn.transpose(0, 2, 1)]
+    bufs = model_inputs(x, logits, gu, dn)
+    bad = gu[:, :, :-1]                 # 2I - 1 gate_up columns
+    bufs[2], bufs[4] = (Buffer.from_numpy(np.ascontiguousarray(a)) for a in (bad, bad.transpose(0, 2, 1)))
     with pytest.raises(ValueError, match="qwen3vl_moe_gate_up"):
-        moe_model.execute(*[Buffer.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+        moe_model.execute(*bufs)
+    bufs = model_inputs(x, logits, gu, dn)
+    wide = np.concatenate([gu, np.zeros(gu.shape[:2] + (64,), gu.dtype)], axis=2)   # I + 32: one panel too many
+    bufs[6] = Buffer.from_numpy(pack_expert_panels(wide, 2, pairs=False))
+    bits = Buffer.from_numpy(pack_expert_panels(bf16_bits(wide), 2, pairs=True))   # both (one symbolic dim)
+    bufs[8] = bits.view(BF16, bits.shape)
+    with pytest.raises(ValueError, match="qwen3vl_moe_gate_up_panels"):
+        moe_model.execute(*bufs)
 
 
 def test_moe_matches_transformers_block(moe_model):
@@ -271,9 +311,9 @@ def test_moe_matches_transformers_block(moe_model):
         gu_hub = blk.experts.gate_up_proj.detach().transpose(1, 2).contiguous().numpy()
         dn_hub = blk.experts.down_proj.detach().transpose(1, 2).contiguous().numpy()
         res = run_model(moe_model, x[0].numpy(), logits, gu_hub, dn_hub)
-        for hub in LAYOUTS:
-            err = rel_err(res[k][("y", hub, "f32")], y_ref)
-            assert err <= 1e-5, f"{impl} hub={hub}: rel err {err:.2e}"
+        for lay in LAYOUTS:
+            err = rel_err(res[k][("y", lay, "f32")], y_ref)
+            assert err <= 1e-5, f"{impl} {lay}: rel err {err:.2e}"
 
 
 def test_gpu_paths_compile_for_sm90():

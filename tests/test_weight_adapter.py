@@ -188,3 +188,52 @@ def test_a_layer_with_both_expert_storages_is_refused(moe_dir, tmp_path):
         f"layer 0 stores its experts both fused ({EXPERTS}down_proj) and per expert "
         f"({EXPERTS}0.gate_proj.weight): a checkpoint holds each layer's experts one way or the other"
     )
+
+
+@pytest.mark.parametrize("layout,storage_dtype", [("hub", "float32"), ("hub", "bfloat16"), ("transformers", "float32")])
+def test_cpu_expert_panels(moe_dir, tmp_path, storage_dtype, layout):
+    """cpu_expert_panels: every layer's experts, from either layout, in the CPU kernels'
+    panels (element by element as cpu_moe.mojo indexes them), the rest unchanged."""
+    from max.dtype import DType
+    from qwen3vl_moe.checkpoints.convert import cached_conversion, write_bfloat16_checkpoint
+    from qwen3vl_moe.kernels.moe import panel_shapes
+    from qwen3vl_moe.weight_adapters import _bits
+
+    directory = moe_dir if storage_dtype == "float32" else cached_conversion(moe_dir, "bf16", write_bfloat16_checkpoint)
+    tensors = load_all(directory) if layout == "transformers" else None
+    if tensors is not None:
+        for name in list(tensors):
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                tensors[name] = np.ascontiguousarray(np.swapaxes(tensors[name], 1, 2))
+        save_file(tensors, str(tmp_path / "model.safetensors"))
+        directory_files = [tmp_path / "model.safetensors"]
+    else:
+        directory_files = sorted(directory.glob("*.safetensors"))
+    kwargs = {"dtype": DType.float32, "keep_bfloat16_matrices": True}
+    config = AutoConfig.from_pretrained(directory)
+    plain = convert_qwen3vl_model_state_dict(dict(load_weights(directory_files).items()), huggingface_config=config, **kwargs)
+    packed = convert_qwen3vl_model_state_dict(
+        dict(load_weights(directory_files).items()), huggingface_config=config, cpu_expert_panels=True, **kwargs)
+    assert checkpoint_expert_layout(packed, config) == "cpu_panels"
+    assert set(packed) == set(plain)
+    pairs = storage_dtype == "bfloat16"
+    for name, data in plain.items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            np.testing.assert_array_equal(_bits(packed[name]), _bits(data), err_msg=name)
+            continue
+        assert packed[name].dtype == data.dtype == getattr(DType, storage_dtype)
+        hub = _bits(data) if layout == "hub" else np.swapaxes(_bits(data), 1, 2)   # [E, K, groups*N]
+        E, K, GN = hub.shape
+        groups, width = (2, 32) if name.endswith("gate_up_proj") else (1, 64)
+        N = GN // groups
+        got = _bits(packed[name])
+        shapes = panel_shapes(E, N if groups == 1 else K, K if groups == 1 else N, data.dtype)
+        assert got.shape == shapes[0 if groups == 2 else 1]
+        zero = np.zeros((), hub.dtype)
+        for e, j, k, g, c in np.ndindex(min(E, 2), got.shape[1], K, groups, width):
+            col = j * width + c
+            want = hub[e, k, g * N + col] if col < N else zero
+            at = got[e, j, k // 2, 2 * (g * width + c) + k % 2] if pairs else got[e, j, k, g * width + c]
+            assert at == want, (name, e, j, k, g, c)
+        if pairs and K % 2:   # the row past an odd K is 0
+            assert not got[:, :, -1, 1::2].any()

@@ -2,6 +2,8 @@
 #   route.mojo    "qwen3vl_moe_route"    router softmax, top-k, renormalisation, slots sorted by expert
 #   gate_up.mojo  "qwen3vl_moe_gate_up"  grouped gate_up GEMM with the SwiGLU epilogue
 #   down.mojo     "qwen3vl_moe_down"     grouped down GEMM, routing weight, un-permute, sum over top-k
+#   gate_up.mojo / down.mojo  "..._gate_up_panels", "..._down_panels": the same over experts packed at load
+#                 into the CPU kernels' column panels (CPU only)
 #   linear.mojo   "qwen3vl_linear"       y = x @ W^T in the checkpoint's layout (weight stream for few rows)
 #   qkv.mojo      "qwen3vl_attention_qkv" an attention layer's q/k/v, q/k RMSNorm and rope in one op (CPU)
 # Implementation, one concern a file:

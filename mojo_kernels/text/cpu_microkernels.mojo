@@ -199,3 +199,38 @@ def pack_panel[
 def panel_pairs_size(K: Int, cols: Int) -> Int:
     """Elements of a packed bf16 panel of `cols` columns (see pack_pairs)."""
     return ceildiv(K, 2) * 2 * cols
+
+
+@always_inline
+def outer_tile_pairs[
+    dtype: DType, MR: Int, NB: Int, NV: Int, VW: Int
+](
+    a: Array[Pointer[Scalar[dtype], MutAnyOrigin], MR],
+    b: Array[Pointer[UInt32, MutAnyOrigin], NB],
+    ldb: Int,
+    K: Int,
+) -> Array[SIMD[F32, VW], MR * NB * NV]:
+    """Like outer_tile, over bf16 weights stored as k-pairs (the packed panels of the MoE ops):
+    b[g][kp*ldb + c] holds W[2kp, c] in its low and W[2kp+1, c] in its high 16 bits (0
+    past K). Each half widens to float32 exactly (a shift or a mask) and the FMAs run k
+    by k as in outer_tile, so the results are outer_tile's bit for bit."""
+    comptime NBV = NB * NV
+    var acc = Array[SIMD[F32, VW], MR * NBV](fill=0)
+    for kp in range(ceildiv(K, 2)):
+        comptime for h in range(2):
+            var k = 2 * kp + h
+            if k < K:
+                var bv = Array[SIMD[F32, VW], NBV](fill=0)
+                comptime for g in range(NB):
+                    comptime for v in range(NV):
+                        var u = b[g].unsafe_load[width=VW](kp * ldb + v * VW)
+                        # even k: the low half shifted up; odd k: the high half
+                        comptime if h == 0:
+                            bv[g * NV + v] = bitcast[F32, VW](u << 16)
+                        else:
+                            bv[g * NV + v] = bitcast[F32, VW](u & 0xFFFF0000)
+                comptime for r in range(MR):
+                    var av = SIMD[F32, VW](a[r].unsafe_load[width=1](k).cast[F32]())
+                    comptime for i in range(NBV):
+                        acc[r * NBV + i] = av.fma(bv[i], acc[r * NBV + i])
+    return acc^

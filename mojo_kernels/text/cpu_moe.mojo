@@ -22,7 +22,8 @@ from std.math import ceildiv
 
 from .activation import round_to, swiglu
 from .cpu_microkernels import (
-    BF16, F32, USE_DPBF16, VEC, dot_tile, outer_tile, outer_tile_dp, pack_pairs, pack_panel, panel_pairs_size,
+    BF16, F32, USE_DPBF16, VEC, dot_tile, outer_tile, outer_tile_dp, outer_tile_pairs, pack_pairs, pack_panel,
+    panel_pairs_size,
 )
 from .cpu_scheduler import num_workers, run_dynamic
 from .cpu_weight_stream import STREAM_MAX_ROWS, StreamPlan, stream_task
@@ -404,6 +405,187 @@ def dot_gemm_cpu[
     _ = chunks^
 
 
+# ----------------------------------------------------------------------------- panel layout: W[e] packed at load (CPU)
+# The hub-layout weight [K, NB*N] of expert e stored as NP = ceil(N/PW) column panels,
+# each contiguous, in the order the outer-product tiles read it (columns past N are 0):
+#   float32:  [E, NP, K, NB*PW]             panel j, row k = gate cols j*PW ..< +PW, then up cols
+#   bfloat16: [E, NP, ceil(K/2), 2*NB*PW]   the same rows in k-pairs: element 2c of pair-row kp is
+#             W[2kp, c], element 2c+1 is W[2kp+1, c] (0 past K): what outer_tile_dp reads as it
+#             is and outer_tile_pairs widens to float32
+# Python packs them (qwen3vl_moe.kernels.moe.pack_expert_panels). A task reads one panel
+# straight from the weights: no copy to scratch, and the hardware prefetcher streams it.
+comptime GU_PW = 32           # gate_up panel: 32 gate and 32 up columns (256 bytes a row in both dtypes)
+comptime DN_PW = 64           # down panel: 64 columns
+comptime FUSED_COMBINE_ROWS = 64   # down: up to this many routed rows (decode), one task per panel combines too
+
+
+def panel_elems[wdtype: DType](K: Int, cols: Int) -> Int:
+    """Elements of one packed panel of `cols` columns over K rows (see above)."""
+    comptime if wdtype == BF16:
+        return panel_pairs_size(K, cols)
+    else:
+        return K * cols
+
+
+@always_inline
+def _panel_tile[
+    dtype: DType, wdtype: DType, gated: Bool, MR: Int
+](
+    out_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    panel: Pointer[Scalar[wdtype], MutAnyOrigin],
+    perm: Pointer[Int32, MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    r: Int, rows: Int, n0: Int, sub: Int, top_k: Int, K: Int, N: Int,
+):
+    """Rows r ..< r+rows (rows <= MR) of one expert against panel columns sub ..< sub+NV*VEC
+    (output columns n0+sub ..), through the epilogue; columns past N are not stored."""
+    comptime NB = 2 if gated else 1
+    comptime PW = GU_PW if gated else DN_PW
+    comptime NV = GU_NV if gated else DN_NV
+    comptime NBV = NB * NV
+    var ar = Array[Pointer[Scalar[dtype], MutAnyOrigin], MR](fill=a)
+    comptime for i in range(MR):
+        # rows past the end repeat the last real row (computed, not stored)
+        ar[i] = _act_row[dtype, gated](a, perm, r + min(i, rows - 1), top_k, K)
+    var acc: Array[SIMD[F32, VEC], MR * NBV]
+    comptime if wdtype == F32:
+        var b = Array[Pointer[Scalar[F32], MutAnyOrigin], NB](fill=rebind[Pointer[Scalar[F32], MutAnyOrigin]](panel))
+        comptime for g in range(NB):
+            b[g] = b[g].unsafe_offset(g * PW + sub)
+        acc = outer_tile[dtype, F32, MR, NB, NV, VEC](ar, b, NB * PW, K)
+    elif dtype == BF16 and USE_DPBF16 and NV * VEC == PW:
+        var accd = outer_tile_dp[MR, NBV](
+            rebind[Array[Pointer[Scalar[BF16], MutAnyOrigin], MR]](ar), rebind[Pointer[Scalar[BF16], MutAnyOrigin]](panel), K)
+        acc = rebind[Array[SIMD[F32, VEC], MR * NBV]](accd).copy()
+    else:
+        var b = Array[Pointer[UInt32, MutAnyOrigin], NB](fill=panel.unsafe_bitcast[UInt32]())
+        comptime for g in range(NB):
+            b[g] = b[g].unsafe_offset(g * PW + sub)
+        acc = outer_tile_pairs[dtype, MR, NB, NV, VEC](ar, b, NB * PW, K)
+    comptime for i in range(MR):
+        if i < rows:
+            var dst = RowOut[dtype, gated](perm, rw, r + i, N)
+            comptime for v in range(NV):
+                var g = acc[i * NBV + v]
+                var u = acc[i * NBV + (NB - 1) * NV + v]
+                var c = n0 + sub + v * VEC
+                if c + VEC <= N:
+                    dst.store[VEC](out_ptr, c, g, u)
+                else:
+                    for l in range(max(0, N - c)):
+                        dst.store[1](out_ptr, c + l, SIMD[F32, 1](g[l]), SIMD[F32, 1](u[l]))
+
+
+def _panel_rows[
+    dtype: DType, wdtype: DType, gated: Bool
+](
+    out_ptr: Pointer[Scalar[dtype], MutAnyOrigin],
+    a: Pointer[Scalar[dtype], MutAnyOrigin],
+    panel: Pointer[Scalar[wdtype], MutAnyOrigin],
+    perm: Pointer[Int32, MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    r0: Int, r1: Int, n0: Int, top_k: Int, K: Int, N: Int,
+):
+    """Sorted rows r0 ..< r1 of one expert against one panel (output columns n0 ..< n0+PW).
+    A short last row tile (and decode's one or two rows) takes a smaller tile instead of
+    computing MR rows; each row's sums are the same whatever the tile."""
+    comptime MR = GU_MR if gated else DN_MR
+    comptime PW = GU_PW if gated else DN_PW
+    comptime SUB = (GU_NV if gated else DN_NV) * VEC
+    comptime MR4 = min(4, MR)
+    var r = r0
+    while r < r1:
+        var rows = min(MR, r1 - r)
+        comptime for sub in range(0, PW, SUB):
+            if n0 + sub < N:
+                if rows == 1:
+                    _panel_tile[dtype, wdtype, gated, 1](out_ptr, a, panel, perm, rw, r, rows, n0, sub, top_k, K, N)
+                elif rows == 2:
+                    _panel_tile[dtype, wdtype, gated, 2](out_ptr, a, panel, perm, rw, r, rows, n0, sub, top_k, K, N)
+                elif rows <= MR4:
+                    _panel_tile[dtype, wdtype, gated, MR4](out_ptr, a, panel, perm, rw, r, rows, n0, sub, top_k, K, N)
+                else:
+                    _panel_tile[dtype, wdtype, gated, MR](out_ptr, a, panel, perm, rw, r, rows, n0, sub, top_k, K, N)
+        r += MR
+
+
+def gate_up_panels_cpu[
+    dtype: DType, wdtype: DType
+](
+    h: Pointer[Scalar[dtype], MutAnyOrigin],
+    x: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
+    perm: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    E: Int, top_k: Int, H: Int, I: Int,
+):
+    """The gate_up_cpu GEMM over panel-layout weights: one (row chunk, panel) task each, one fork/join."""
+    var NP = ceildiv(I, GU_PW)
+    var pe = panel_elems[wdtype](H, 2 * GU_PW)
+    var chunks = row_chunks(offsets, E)
+    var cp = chunks.unsafe_ptr()
+
+    def task(t: Int, wk: Int) {var h, var x, var w, var perm, var cp, var NP, var pe, var top_k, var H, var I}:
+        var c = t // NP
+        var j = t % NP
+        var e = cp[unsafe_offset=3 * c]
+        var panel = w.unsafe_offset((e * NP + j) * pe)
+        _panel_rows[dtype, wdtype, True](
+            h, x, panel, perm, x, cp[unsafe_offset=3 * c + 1], cp[unsafe_offset=3 * c + 2], j * GU_PW, top_k, H, I)
+
+    run_dynamic(task, len(chunks) // 3 * NP)
+    _ = chunks^
+
+
+def down_panels_cpu[
+    dtype: DType, wdtype: DType
+](
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    ws: Pointer[Scalar[dtype], MutAnyOrigin],
+    hs: Pointer[Scalar[dtype], MutAnyOrigin],
+    w: Pointer[Scalar[wdtype], MutAnyOrigin],
+    perm: Pointer[Int32, MutAnyOrigin],
+    offsets: Pointer[Int32, MutAnyOrigin],
+    rw: Pointer[Scalar[dtype], MutAnyOrigin],
+    E: Int, T: Int, top_k: Int, H: Int, I: Int,
+):
+    """The down_cpu GEMM then combine_cpu over panel-layout weights. Up to FUSED_COMBINE_ROWS routed
+    rows (decode), task j runs every expert's rows against panel j and then combines
+    columns j*DN_PW ..: one fork/join for the op. More rows: (row chunk, panel) tasks, then
+    the combine."""
+    var NP = ceildiv(H, DN_PW)
+    var pe = panel_elems[wdtype](I, DN_PW)
+    if T * top_k <= FUSED_COMBINE_ROWS:
+
+        def panel_task(j: Int, wk: Int) {var y, var ws, var hs, var w, var perm, var offsets, var rw, var E, var T, var top_k, var NP, var pe, var H, var I}:
+            for e in range(E):
+                var r0 = Int(offsets[unsafe_offset=e])
+                var r1 = Int(offsets[unsafe_offset=e + 1])
+                if r1 > r0:
+                    _panel_rows[dtype, wdtype, False](
+                        ws, hs, w.unsafe_offset((e * NP + j) * pe), perm, rw, r0, r1, j * DN_PW, 1, I, H)
+            for t in range(T):
+                _combine_cols[dtype](y, ws, t, top_k, H, j * DN_PW, min(H, (j + 1) * DN_PW))
+
+        run_dynamic(panel_task, NP)
+        return
+    var chunks = row_chunks(offsets, E)
+    var cp = chunks.unsafe_ptr()
+
+    def task(t: Int, wk: Int) {var ws, var hs, var w, var perm, var rw, var cp, var NP, var pe, var H, var I}:
+        var c = t // NP
+        var j = t % NP
+        var e = cp[unsafe_offset=3 * c]
+        _panel_rows[dtype, wdtype, False](
+            ws, hs, w.unsafe_offset((e * NP + j) * pe), perm, rw,
+            cp[unsafe_offset=3 * c + 1], cp[unsafe_offset=3 * c + 2], j * DN_PW, 1, I, H)
+
+    run_dynamic(task, len(chunks) // 3 * NP)
+    _ = chunks^
+    combine_cpu[dtype](y, ws, T, top_k, H)
+
+
 # ----------------------------------------------------------------------------- the two GEMMs
 def gate_up_cpu[
     dtype: DType, wdtype: DType, hub: Bool
@@ -459,19 +641,30 @@ def combine_cpu[
 
     def task(i: Int, wk: Int) {var y, var ws, var T, var top_k, var H}:
         for t in range(i * ROWS, min(i * ROWS + ROWS, T)):
-            var n = 0
-            while n + VEC <= H:
-                var acc = SIMD[F32, VEC](0)
-                for k in range(top_k):
-                    acc += ws.unsafe_load[width=VEC]((t * top_k + k) * H + n).cast[F32]()
-                y.unsafe_store(t * H + n, acc.cast[dtype]())
-                n += VEC
-            while n < H:
-                var acc = Float32(0)
-                for k in range(top_k):
-                    acc += ws[unsafe_offset=(t * top_k + k) * H + n].cast[F32]()
-                y[unsafe_offset=t * H + n] = acc.cast[dtype]()
-                n += 1
+            _combine_cols[dtype](y, ws, t, top_k, H, 0, H)
 
     run_dynamic(task, ceildiv(T, ROWS))
 
+
+@always_inline
+def _combine_cols[
+    dtype: DType
+](
+    y: Pointer[Scalar[dtype], MutAnyOrigin],
+    ws: Pointer[Scalar[dtype], MutAnyOrigin],
+    t: Int, top_k: Int, H: Int, n0: Int, n1: Int,
+):
+    """y[t, n0 ..< n1] = sum_k ws[t, k, n0 ..< n1] (see combine_cpu)."""
+    var n = n0
+    while n + VEC <= n1:
+        var acc = SIMD[F32, VEC](0)
+        for k in range(top_k):
+            acc += ws.unsafe_load[width=VEC]((t * top_k + k) * H + n).cast[F32]()
+        y.unsafe_store(t * H + n, acc.cast[dtype]())
+        n += VEC
+    while n < n1:
+        var acc = Float32(0)
+        for k in range(top_k):
+            acc += ws[unsafe_offset=(t * top_k + k) * H + n].cast[F32]()
+        y[unsafe_offset=t * H + n] = acc.cast[dtype]()
+        n += 1

@@ -209,15 +209,17 @@ def route_cpu[
     offsets: Pointer[Int32, MutAnyOrigin],
     T: Int, E: Int,
 ):
-    """Tokens in parallel (blocks of 32), then a serial stable counting sort."""
+    """Tokens in parallel (blocks of 32; one block inline), then a serial stable counting sort."""
     comptime ROWS = 32
 
     def token_block(b: Int) {var logits, var weights, var ids, var T, var E}:
         for t in range(b * ROWS, min(b * ROWS + ROWS, T)):
             route_token[dtype, top_k](logits, weights, ids, t, E)
 
-    if T > 0:
+    if T > ROWS:
         parallelize(token_block, ceildiv(T, ROWS))
+    elif T > 0:     # one block (decode): in the calling thread, no fork/join
+        token_block(0)
     var S = T * top_k
     for e in range(E + 1):
         offsets[unsafe_offset=e] = 0

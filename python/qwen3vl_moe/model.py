@@ -184,6 +184,8 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
             dtype=self.dtype,
             # the CPU kernels read bfloat16 text matrices as they are (float32 compute)
             keep_bfloat16_matrices=all(device.is_host for device in self.devices),
+            # experts packed into the CPU MoE kernels' column panels
+            cpu_expert_panels=all(device.is_host for device in self.devices),
         )
         self._vision_weights_dict = {k: v for k, v in state_dict.items() if k.startswith("vision_encoder.")}
         self._language_weights_dict = {k: v for k, v in state_dict.items() if k.startswith("language_model.")}

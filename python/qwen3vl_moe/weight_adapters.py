@@ -18,6 +18,10 @@ stacked (``[E, H, I]``). Float8 experts stay float8 on a GPU (bits and block
 scales merged, in that layout, which MAX's grouped FP8 matmul reads) where I
 and H are whole 128-blocks; elsewhere each expert is dequantized, merged and
 stored in the hub layout, so the graph is the fused release's own.
+
+On CPU (``cpu_expert_panels``) float32 and bfloat16 fused experts are then packed,
+one layer at a time, into the column panels the CPU MoE kernels read
+(``kernels.moe.pack_expert_panels``); the graph's layout is then ``"cpu_panels"``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from max.driver import Buffer
@@ -43,6 +47,10 @@ from .checkpoints.layout import (
     text_dims,
 )
 from .checkpoints.validate import CheckpointError
+from .kernels.moe import pack_expert_panels
+
+if TYPE_CHECKING:
+    from .nn.mlp import ExpertsLayout
 
 # A child of MAX's pipeline logger, so `max serve` prints it with its own lines.
 logger = logging.getLogger("max.pipelines.qwen3vl_moe")
@@ -237,6 +245,7 @@ def convert_qwen3vl_model_state_dict(
     huggingface_config: Any,
     dtype: DType | None = None,
     keep_bfloat16_matrices: bool = False,
+    cpu_expert_panels: bool = False,
     **unused_kwargs: Any,
 ) -> dict[str, WeightData]:
     """Renames, checks and (optionally) casts a Qwen3-VL checkpoint.
@@ -248,6 +257,8 @@ def convert_qwen3vl_model_state_dict(
     matrices when all of them are bfloat16: the CPU kernels read those as they
     are and compute in float32, so a decode step reads half the bytes and the
     results equal the upcast model's up to float32 summation order.
+    ``cpu_expert_panels`` (CPU models): fused float32/bfloat16 experts packed into
+    the CPU kernels' column panels (see the module docstring).
 
     Returns:
         Graph-named weights (``language_model.*`` and ``vision_encoder.*``).
@@ -348,6 +359,8 @@ def convert_qwen3vl_model_state_dict(
             "checkpoint does not match its config:\n  " + "\n  ".join(problems)
         )
     _fp8_experts_as_kernels_take_them(weights, float8, sparse_layers, layouts)
+    if cpu_expert_panels:
+        _experts_as_cpu_panels(weights, sparse_layers, layouts)
     patch = "vision_encoder.patch_embed.proj.weight"
     weights[patch] = _conv_as_linear(weights[patch])
     return weights
@@ -484,6 +497,47 @@ def _fp8_experts_as_kernels_take_them(
                 float8 -= {n, n + "_scale_inv"}
 
 
+def _experts_as_cpu_panels(
+    weights: dict[str, WeightData], sparse_layers: list[int], layouts: set[ExpertLayout],
+) -> None:
+    """Float32 or bfloat16 fused experts as the CPU kernels' column panels, layer by layer.
+
+    A kernel task then streams one contiguous panel instead of copying a strided one
+    to scratch first (a quarter of the MoE prefill time). Each layer's tensors are
+    replaced as they are packed, so at most one layer's extra copy is alive at a time.
+    """
+    names = [f"language_model.layers.{i}.mlp.experts.{part}" for i in sparse_layers
+             for part in ("gate_up_proj", "down_proj")]
+    if not names or any(weights[n].dtype not in (DType.float32, DType.bfloat16) for n in names):
+        return
+    for name in names:
+        data = weights[name]
+        w = _bits(data)
+        if layouts == {"transformers"}:
+            w = np.swapaxes(w, 1, 2)  # as the hub layout (a view; the packing copies once)
+        groups = 2 if name.endswith("gate_up_proj") else 1
+        weights[name] = _from_bits(pack_expert_panels(w, groups, pairs=data.dtype == DType.bfloat16), data.dtype, name)
+        _page_out(w)
+        del data, w
+
+
+def _page_out(a: np.ndarray) -> None:
+    """Asks the kernel to reclaim the pages of a tensor no longer needed (MADV_PAGEOUT).
+
+    The checkpoint's experts are memory-mapped: once read for the packing, their
+    pages would stay in this process's RSS beside the panels until the file is
+    unmapped. Clean file pages are dropped (re-read if touched again), anonymous
+    ones swapped at most: no data is lost whatever the memory is. Best effort.
+    """
+    import ctypes
+    import mmap
+
+    start = -(-a.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE     # whole pages inside the tensor only
+    end = (a.ctypes.data + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # MADV_PAGEOUT
+
+
 def _numpy(data: WeightData) -> np.ndarray:
     return Buffer.from_dlpack(data.data).to_numpy()
 
@@ -536,10 +590,12 @@ def _conv_as_linear(conv: WeightData) -> WeightData:
     )
 
 
-def checkpoint_expert_layout(weights: Mapping[str, WeightData], huggingface_config: Any) -> ExpertLayout | None:
-    """The expert layout of already-checked weights (None for dense models)."""
+def checkpoint_expert_layout(weights: Mapping[str, WeightData], huggingface_config: Any) -> ExpertsLayout | None:
+    """The expert layout of converted weights (None for dense models)."""
     for i in _sparse_layers(huggingface_config):
         p = f"language_model.layers.{i}.mlp.experts."
+        if len(weights[p + "gate_up_proj"].shape) == 4:
+            return "cpu_panels"
         return _expert_layout(
             p[:-1],
             tuple(int(d) for d in weights[p + "gate_up_proj"].shape),

@@ -12,6 +12,11 @@ expert), ``qwen3vl_moe_gate_up`` (grouped GEMM, rows gathered through the permut
 SwiGLU fused) and ``qwen3vl_moe_down`` (grouped GEMM, routing weight and un-permute fused,
 then the float32 sum over k in top-k order, like transformers' grouped_mm path).
 
+On CPU the expert weights may instead be packed at load into the column panels the
+CPU micro-kernels read (``pack_expert_panels``; ops ``qwen3vl_moe_gate_up_panels`` and
+``qwen3vl_moe_down_panels``, same results): each task then streams one contiguous
+panel instead of copying a strided one to scratch.
+
 A graph that calls these must list ``kernel_package("text")`` (or a ``.mojoc``
 precompiled from it) in ``custom_extensions``.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 from max.dtype import DType
 from max.graph import TensorType, TensorValue, ops
 
@@ -28,6 +34,9 @@ from .linear import check_weight_dtype
 ROUTE_OP = "qwen3vl_moe_route"
 GATE_UP_OP = "qwen3vl_moe_gate_up"
 DOWN_OP = "qwen3vl_moe_down"
+GATE_UP_PANELS_OP = "qwen3vl_moe_gate_up_panels"
+DOWN_PANELS_OP = "qwen3vl_moe_down_panels"
+GATE_UP_PANEL, DOWN_PANEL = 32, 64  # columns per panel (of each of gate and up); cpu_moe.mojo's GU_PW, DN_PW
 
 
 class MoeRouting(NamedTuple):
@@ -105,25 +114,85 @@ def moe_experts(
     if gate_up.dtype != x.dtype and not x.device.is_cpu():
         raise ValueError("moe_experts: on GPU the expert weights must have x's dtype")
     hub = bool(weights_hub_layout)
-    dev = x.device
-    T, _ = x.shape
     _, I = _expert_dims(gate_up, down, hub)
+    return _experts(x, router_logits, gate_up, down, top_k, I, GATE_UP_OP, DOWN_OP, {"hub_layout": hub})
+
+
+def _experts(x, router_logits, gate_up, down, top_k, I, gate_up_op, down_op, parameters) -> TensorValue:
+    """Route, gate_up, down: the three ops of ``moe_experts``."""
+    dev = x.device
+    T, H = x.shape
     r = moe_route(router_logits, top_k=top_k, dtype=x.dtype)
     h = ops.custom(
-        GATE_UP_OP,
+        gate_up_op,
         device=dev,
         values=[x, gate_up, r.perm, r.offsets],
         out_types=[TensorType(x.dtype, [T, top_k, I], dev)],
-        parameters={"hub_layout": hub},
+        parameters=parameters,
     )[0].tensor
     y, _ws = ops.custom(
-        DOWN_OP,
+        down_op,
         device=dev,
         values=[h, down, r.perm, r.offsets, r.weights],
-        out_types=[
-            TensorType(x.dtype, [T, x.shape[1]], dev),
-            TensorType(x.dtype, [T, top_k, x.shape[1]], dev),
-        ],
-        parameters={"hub_layout": hub},
+        out_types=[TensorType(x.dtype, [T, H], dev), TensorType(x.dtype, [T, top_k, H], dev)],
+        parameters=parameters,
     )
     return y.tensor
+
+
+def panel_shapes(E: int, H: int, I: int, dtype: DType) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the (gate_up, down) panels ``pack_expert_panels`` makes for float32 or bfloat16 experts."""
+    if dtype not in (DType.float32, DType.bfloat16):
+        raise ValueError(f"expert panels hold float32 or bfloat16 weights, not {dtype}")
+    pairs = 2 if dtype == DType.bfloat16 else 1
+    return (
+        (E, -(-I // GATE_UP_PANEL), -(-H // pairs), 2 * GATE_UP_PANEL * pairs),
+        (E, -(-H // DOWN_PANEL), -(-I // pairs), DOWN_PANEL * pairs),
+    )
+
+
+def pack_expert_panels(w: np.ndarray, groups: int, pairs: bool) -> np.ndarray:
+    """Hub-layout experts [E, K, groups*N] as the CPU kernels' column panels (cpu_moe.mojo).
+
+    ``groups``: 2 for gate_up (panel j holds gate columns 32j..32j+31, then the same up
+    columns), 1 for down (64 columns). Each panel is [K, groups*width], row by row;
+    ``pairs`` (bfloat16, given as its uint16 bits): rows in k-pairs, [ceil(K/2),
+    groups*width*2] with W[2kp, c], W[2kp+1, c] side by side. Columns past N and the
+    row past an odd K are 0. One copy of ``w``'s size is made (call it layer by layer).
+    """
+    E, K, GN = w.shape
+    N = GN // groups
+    width = GATE_UP_PANEL if groups == 2 else DOWN_PANEL
+    NP = -(-N // width)
+    w = w.reshape(E, K, groups, N)
+    if NP * width != N or (pairs and K % 2):
+        w = np.pad(w, ((0, 0), (0, K % 2 if pairs else 0), (0, 0), (0, NP * width - N)))
+    Kp = w.shape[1]
+    w = w.reshape(E, Kp, groups, NP, width).transpose(0, 3, 1, 2, 4)      # [E, NP, Kp, groups, width]
+    if not pairs:
+        return np.ascontiguousarray(w).reshape(E, NP, Kp, groups * width)
+    w = w.reshape(E, NP, Kp // 2, 2, groups * width).transpose(0, 1, 2, 4, 3)
+    return np.ascontiguousarray(w).reshape(E, NP, Kp // 2, groups * width * 2)
+
+
+def moe_experts_panels(
+    x: TensorValue,
+    router_logits: TensorValue,
+    gate_up: TensorValue,
+    down: TensorValue,
+    *,
+    top_k: int,
+    intermediate_size: int,
+) -> TensorValue:
+    """``moe_experts`` on CPU over experts packed by ``pack_expert_panels`` (shapes: ``panel_shapes``).
+
+    gate_up and down are float32 or bfloat16 (bfloat16 also under float32 x); the
+    results are those of the hub layout.
+    """
+    if not x.device.is_cpu():
+        raise ValueError("moe_experts_panels: the panel layout is a CPU layout")
+    if gate_up.dtype != down.dtype:
+        raise ValueError(f"gate_up ({gate_up.dtype}) and down ({down.dtype}) weights must share a dtype")
+    check_weight_dtype("moe_experts_panels", gate_up.dtype, x.dtype)
+    return _experts(x, router_logits, gate_up, down, top_k, intermediate_size, GATE_UP_PANELS_OP,
+                    DOWN_PANELS_OP, {})

@@ -9,15 +9,21 @@ is a partial sum the decoder all-reduces.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from max.dtype import DType
 from max.graph import DeviceRef, ShardingStrategy, TensorValue, Weight, ops
 from max.nn.layer import Module
 
-from ..kernels.moe import moe_experts
+from ..kernels.moe import moe_experts, moe_experts_panels, panel_shapes
 from ..checkpoints.layout import ExpertLayout
 from .fp8 import Fp8Experts, Fp8Linear, fp8_moe_experts
 from .linear import StreamingLinear, shard_linear
+
+
+# How the graph holds fused experts: a checkpoint layout, or (CPU) the column panels the
+# weight adapter packs them into (``cpu_expert_panels``; kernels.moe.pack_expert_panels).
+ExpertsLayout = ExpertLayout | Literal["cpu_panels"]
 
 
 def text_linear(in_dim: int, out_dim: int, weight_dtype: DType, device: DeviceRef, fp8: bool = False) -> Module:
@@ -57,18 +63,23 @@ class DenseMLP(Module):
 
 
 class FusedExperts(Module):
-    """The checkpoint's fused expert tensors, kept in the checkpoint's layout (no copy)."""
+    """The checkpoint's fused expert tensors, in the checkpoint's layout or (CPU) packed into panels."""
 
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int,
-        layout: ExpertLayout, dtype: DType, device: DeviceRef,
+        layout: ExpertsLayout, dtype: DType, device: DeviceRef,
     ) -> None:
         super().__init__()
         E, H, I = num_experts, hidden_size, intermediate_size
         self.layout = layout
+        self.intermediate_size = I
         hub = self.hub_layout
-        self.gate_up_proj = Weight("gate_up_proj", dtype, [E, H, 2 * I] if hub else [E, 2 * I, H], device)
-        self.down_proj = Weight("down_proj", dtype, [E, I, H] if hub else [E, H, I], device)
+        if layout == "cpu_panels":
+            gate_up, down = panel_shapes(E, H, I, dtype)
+        else:
+            gate_up, down = ([E, H, 2 * I], [E, I, H]) if hub else ([E, 2 * I, H], [E, H, I])
+        self.gate_up_proj = Weight("gate_up_proj", dtype, gate_up, device)
+        self.down_proj = Weight("down_proj", dtype, down, device)
 
     @property
     def hub_layout(self) -> bool:
@@ -83,6 +94,8 @@ class FusedExperts(Module):
         gate_up keeps each device's gate rows and the matching up rows (MAX's
         ``gate_up`` strategy), down the matching intermediate slice.
         """
+        if self.layout == "cpu_panels":
+            raise ValueError("experts packed into CPU panels run on one device")
         n = len(devices)
         # The intermediate axis of each tensor, in the checkpoint's layout.
         self.gate_up_proj.sharding_strategy = ShardingStrategy.gate_up(n, axis=2 if self.hub_layout else 1)
@@ -109,7 +122,7 @@ class SparseMoE(Module):
 
     def __init__(
         self, *, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
-        layout: ExpertLayout, weight_dtype: DType, device: DeviceRef, fp8_experts: bool = False,
+        layout: ExpertsLayout, weight_dtype: DType, device: DeviceRef, fp8_experts: bool = False,
     ) -> None:
         """``fp8_experts``: float8 experts in transformers' layout (GPU only), run by nn/fp8's MAX kernels."""
         super().__init__()
@@ -124,6 +137,11 @@ class SparseMoE(Module):
     def __call__(self, x: TensorValue) -> TensorValue:
         if isinstance(self.experts, Fp8Experts):
             return fp8_moe_experts(x, self.gate(x), self.experts, top_k=self.top_k)
+        if self.experts.layout == "cpu_panels":
+            return moe_experts_panels(
+                x, self.gate(x), self.experts.gate_up_proj, self.experts.down_proj,
+                top_k=self.top_k, intermediate_size=self.experts.intermediate_size,
+            )
         return moe_experts(
             x, self.gate(x), self.experts.gate_up_proj, self.experts.down_proj,
             top_k=self.top_k, weights_hub_layout=self.experts.hub_layout,
