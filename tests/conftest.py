@@ -33,6 +33,24 @@ MEDIA_HOST = "localhost"
 MEDIA_FETCH_DEADLINE_S = 6  # short, so the slow-host test is quick
 
 
+# Set in the C environment (not os.environ) by Mojo's Python interop when MAX
+# loads a custom architecture in-process; a later `sys.executable` subprocess
+# would then start as the base interpreter, outside the venv
+# (PYTHONEXECUTABLE=~/.pyenv/shims/python3, PYTHONPATH=":").
+_INTEROP_ENVIRONMENT = ("PYTHONEXECUTABLE", "PYTHONPATH", "PYTHONHOME", "MOJO_PYTHON_LIBRARY")
+
+
+@pytest.fixture(autouse=True)
+def _subprocesses_see_os_environ():
+    """After each test, the process environment subprocesses inherit is os.environ again."""
+    yield
+    for name in _INTEROP_ENVIRONMENT:
+        if name in os.environ:
+            os.putenv(name, os.environ[name])
+        else:
+            os.unsetenv(name)
+
+
 # The settings the model tests load engines with (max_length covers the largest test prompt).
 ENGINE_SETTINGS = {"max_length": 1024, "max_batch_size": 4, "echo": True}
 

@@ -22,7 +22,7 @@ def registered(pattern: re.Pattern) -> list[str]:
 
 def test_every_op_is_prefixed_and_unique():
     names = registered(REGISTER)
-    assert len(names) == 7, names
+    assert len(names) == 9, names
     assert all(n.startswith("qwen3vl_") for n in names), names
     assert len(set(names)) == len(names), names
 
@@ -32,8 +32,8 @@ def test_shape_functions_belong_to_registered_ops():
 
 
 def test_python_wrappers_call_registered_ops():
-    used = {moe.ROUTE_OP, moe.GATE_UP_OP, moe.DOWN_OP, linear.LINEAR_OP,
-            attention.ATTENTION_OP, vision.POS_EMBED_OP, qkv.QKV_OP}
+    used = {moe.ROUTE_OP, moe.GATE_UP_OP, moe.DOWN_OP, moe.GATE_UP_PANELS_OP, moe.DOWN_PANELS_OP,
+            linear.LINEAR_OP, attention.ATTENTION_OP, vision.POS_EMBED_OP, qkv.QKV_OP}
     assert used == set(registered(REGISTER))
 
 
