@@ -45,10 +45,12 @@ from qwen3vl_moe.max_compat import pipeline_model_of
 TOPICS = ("rivers", "prime numbers", "bread", "glaciers", "chess openings", "owls", "tides", "violins")
 
 
-def prompts(batch: int) -> list[list[dict[str, str]]]:
+def prompts(batch: int, filler_words: int = 0) -> list[list[dict[str, str]]]:
     """One distinct prompt per row: identical rows would pick the same experts at every
-    step and read the expert weights of one row, understating a real batch."""
-    return [[{"role": "user", "content": f"Write a short paragraph about {TOPICS[i % len(TOPICS)]} ({i})."}]
+    step and read the expert weights of one row, understating a real batch.
+    ``filler_words`` lengthens each prompt, so that decode attends over a longer cache."""
+    filler = " ".join(TOPICS[j % len(TOPICS)].split()[0] for j in range(filler_words))
+    return [[{"role": "user", "content": f"Write a short paragraph about {TOPICS[i % len(TOPICS)]} ({i}). {filler}"}]
             for i in range(batch)]
 
 
@@ -104,7 +106,7 @@ def _timed_class(cls: type, record: Callable[[float], None]) -> type:
     return Timed
 
 
-def step_breakdown(engine: Qwen3VL, batch: int, new_tokens: int) -> dict[str, float]:
+def step_breakdown(engine: Qwen3VL, batch: int, new_tokens: int, filler: int) -> dict[str, float]:
     """Median ms per decode step of each part (a generate of ``new_tokens`` per row)."""
     pipeline = engine.pipeline
     model = pipeline_model_of(pipeline)
@@ -140,7 +142,7 @@ def step_breakdown(engine: Qwen3VL, batch: int, new_tokens: int) -> dict[str, fl
 
     pipeline.execute = timed_execute
     try:
-        engine.generate(prompts(batch), max_new_tokens=new_tokens, ignore_eos=True)
+        engine.generate(prompts(batch, filler), max_new_tokens=new_tokens, ignore_eos=True)
     finally:
         for owner, name in ((pipeline, "execute"), (pipeline, "prepare_batch"), (model, "execute"),
                             (pipeline.kv_manager, "step"), (pipeline.kv_manager, "runtime_inputs"),
@@ -160,7 +162,7 @@ def step_breakdown(engine: Qwen3VL, batch: int, new_tokens: int) -> dict[str, fl
     return {k: round(v, 3) for k, v in parts.items()}
 
 
-def graph_alone_ms(engine: Qwen3VL, batch: int, repeats: int) -> dict[str, float]:
+def graph_alone_ms(engine: Qwen3VL, batch: int, repeats: int, filler: int) -> dict[str, float]:
     """Median and least ms of the decoder graph run on one decode step's inputs over and over."""
     graphs = pipeline_model_of(engine.pipeline)._models
     decoder = graphs[GraphRole.DECODER]
@@ -173,7 +175,7 @@ def graph_alone_ms(engine: Qwen3VL, batch: int, repeats: int) -> dict[str, float
 
     graphs[GraphRole.DECODER] = Capture()
     try:
-        engine.generate(prompts(batch), max_new_tokens=3, ignore_eos=True)
+        engine.generate(prompts(batch, filler), max_new_tokens=3, ignore_eos=True)
     finally:
         graphs[GraphRole.DECODER] = decoder
     times = []
@@ -207,13 +209,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--graph-repeats", type=int, default=100)
+    parser.add_argument("--filler-words", type=int, default=0,
+                        help="words added to each prompt (~4.6 tokens a word with the tiny tokenizer; the e2e decodes after a 512-token prompt: ~100 words)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     placements = args.placements.split(",") if args.placements else [""]
     engines = {}
     for weights in args.weights.split(","):
         path = bfloat16_checkpoint(args.preset) if weights == "bfloat16" else tiny_checkpoint(args.preset)
-        engines[weights] = Qwen3VL(path, devices="cpu", max_length=512, max_batch_size=max(batches))
+        engines[weights] = Qwen3VL(path, devices="cpu", max_length=512 + 8 * args.filler_words,
+                                   max_batch_size=max(batches))
         engines[weights].generate(prompts(1), max_new_tokens=4, ignore_eos=True)  # warm-up
     gc.collect()
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -224,14 +229,15 @@ def main() -> None:
                 for placement in placements:
                     if placement:
                         set_worker_placement(placement)
-                    parts = step_breakdown(engine, batch, args.new_tokens)
-                    alone = graph_alone_ms(engine, batch, args.graph_repeats)
+                    parts = step_breakdown(engine, batch, args.new_tokens, args.filler_words)
+                    alone = graph_alone_ms(engine, batch, args.graph_repeats, args.filler_words)
                     parts["decoder graph alone"], parts["decoder graph alone, least"] = alone["median"], alone["min"]
                     parts["tok/s"] = 1e3 * batch / parts["pipeline.execute mean"]
                     runs[f"{weights} weights, batch {batch}" + (f", workers {placement}" if placement else "")].append(parts)
         loads.append(os.getloadavg()[0])
     result = {
         "cpu": cpu_description(), "preset": args.preset, "new_tokens": args.new_tokens, "rounds": args.repeats,
+        "filler_words": args.filler_words,
         "loadavg_1min": [round(x, 2) for x in loads],
         "medians": {name: {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]}
                     for name, rounds in runs.items()},

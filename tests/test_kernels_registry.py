@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qwen3vl_moe.kernels import attention, linear, moe, qkv, vision
+from qwen3vl_moe.kernels import attention, linear, moe, paged_attention, qkv, vision
 
 KERNELS = Path(__file__).resolve().parents[1] / "mojo_kernels"
 REGISTER = re.compile(r'@extensibility\.register\("([^"]+)"\)')
@@ -22,7 +22,7 @@ def registered(pattern: re.Pattern) -> list[str]:
 
 def test_every_op_is_prefixed_and_unique():
     names = registered(REGISTER)
-    assert len(names) == 9, names
+    assert len(names) == 10, names
     assert all(n.startswith("qwen3vl_") for n in names), names
     assert len(set(names)) == len(names), names
 
@@ -33,7 +33,8 @@ def test_shape_functions_belong_to_registered_ops():
 
 def test_python_wrappers_call_registered_ops():
     used = {moe.ROUTE_OP, moe.GATE_UP_OP, moe.DOWN_OP, moe.GATE_UP_PANELS_OP, moe.DOWN_PANELS_OP,
-            linear.LINEAR_OP, attention.ATTENTION_OP, vision.POS_EMBED_OP, qkv.QKV_OP}
+            linear.LINEAR_OP, attention.ATTENTION_OP, vision.POS_EMBED_OP, qkv.QKV_OP,
+            paged_attention.PAGED_ATTENTION_OP}
     assert used == set(registered(REGISTER))
 
 

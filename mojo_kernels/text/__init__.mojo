@@ -6,6 +6,7 @@
 #                 into the CPU kernels' column panels (CPU only)
 #   linear.mojo   "qwen3vl_linear"       y = x @ W^T in the checkpoint's layout (weight stream for few rows)
 #   qkv.mojo      "qwen3vl_attention_qkv" an attention layer's q/k/v, q/k RMSNorm and rope in one op (CPU)
+#   paged_attention.mojo  "qwen3vl_paged_attention"  causal attention over MAX's paged KV cache (CPU)
 # Implementation, one concern a file:
 #   contiguity.mojo         the ops' input check: every tensor dense row-major
 #   routing.mojo            routing, CPU and GPU
@@ -16,4 +17,4 @@
 #   cpu_moe.mojo            CPU drivers of the grouped GEMMs and the combine
 #   cpu_linear.mojo         CPU dense linear for few rows
 #   gpu_moe.mojo            GPU kernels of the grouped GEMMs and the combine
-# Python wrappers: qwen3vl_moe.kernels.moe, .linear and .qkv. GPU check: bench/gpu/check_moe.mojo.
+# Python wrappers: qwen3vl_moe.kernels.moe, .linear, .qkv and .paged_attention. GPU check: bench/gpu/check_moe.mojo.

@@ -4,8 +4,9 @@ Every step writes k/v to the paged cache. On CPU, a step whose sequences all
 start from an empty cache (a fresh prefill) attends with this package's causal
 varlen kernel over the step's own k/v (no cache reads, 2x+ MAX's CPU
 flash_attention_ragged at 512 tokens); any other step (decode, or a prefill
-after a cached prefix) uses flash_attention_ragged over the cache. On GPU the
-latter always.
+after a cached prefix) attends over the cache with this package's paged
+kernel (``kernels.paged_attention``). On GPU, MAX's
+flash_attention_ragged over the cache always.
 
 On CPU with float32 activations, q/k/v, their RMSNorm and rope are one op
 (``kernels.qkv``: one fork/join of the workers instead of seven kernels);
@@ -30,6 +31,7 @@ from max.nn.layer import Module
 from max.nn.norm import RMSNorm
 
 from ..kernels.attention import varlen_attention
+from ..kernels.paged_attention import paged_attention
 from ..kernels.qkv import attention_qkv
 from .linear import StreamingLinear, shard_linear
 from .mlp import text_linear
@@ -86,6 +88,11 @@ class TextAttention(Module):
         scale = self.head_dim**-0.5
 
         def over_cache() -> TensorValue:
+            if q.device.is_cpu():
+                return paged_attention(
+                    q, kv_collection.kv_blocks, kv_collection.lookup_table, kv_collection.cache_lengths,
+                    input_row_offsets, layer_idx, scale=scale,
+                )
             return flash_attention_ragged(
                 self.kv_params,
                 input=q,
