@@ -112,3 +112,40 @@ def test_per_expert_checkpoint_computes_what_the_fused_one_does(load_engine):
     reference = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint("moe"), dtype=torch.float32).eval()
     [out] = per_expert.generate([CONVERSATIONS[1]], max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert out.token_ids == reference_greedy(reference, out.prompt_token_ids, NEW_TOKENS)
+
+
+def test_bfloat16_kv_cache_matches_transformers_with_rounded_keys_and_values(load_engine, monkeypatch):
+    """``kv_cache_format="bfloat16"`` (MAX's option) on a float32 model: the cache holds
+    bfloat16 (half the bytes a token) and every attention, the fresh prefill's and each
+    decode step's over the cache, sees k/v rounded to bfloat16. transformers' float32
+    model with its attention inputs k and v rounded the same way is the reference:
+    prefill logits within the float32 tolerance, greedy tokens identical."""
+    import transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe as modeling
+    from transformers import AutoModelForImageTextToText
+    from max.dtype import DType
+
+    from conftest import ENGINE_SETTINGS
+    from qwen3vl_moe.api import Qwen3VL
+    from qwen3vl_moe.max_compat import pipeline_model_of
+
+    engine = Qwen3VL(tiny_checkpoint("moe"), devices="cpu", kv_cache_format="bfloat16", **ENGINE_SETTINGS)
+    assert pipeline_model_of(engine.pipeline).kv_params.dtype == DType.bfloat16
+    eager = modeling.eager_attention_forward
+
+    def rounded_kv(module, query, key, value, *args, **kwargs):
+        return eager(module, query, key.to(torch.bfloat16).float(), value.to(torch.bfloat16).float(), *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", rounded_kv)
+    reference = AutoModelForImageTextToText.from_pretrained(
+        tiny_checkpoint("moe"), dtype=torch.float32, attn_implementation="eager").eval()
+    outs = engine.generate(CONVERSATIONS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    for out, logits in zip(outs, engine.prefill_logits(CONVERSATIONS), strict=True):
+        assert out.token_ids == reference_greedy(reference, out.prompt_token_ids, NEW_TOKENS)
+        # A k or v element that float32 summation order moves by an ulp can round to the
+        # neighbouring bfloat16 (2**-8 relative), so the float32 tolerance (1e-4) becomes
+        # 1e-3 here, which still tells the rounding apart (below).
+        ref = reference_logits(reference, out.prompt_token_ids)
+        assert float(np.abs(logits - ref).max()) <= 1e-3 * max(1.0, float(np.abs(ref).max()))
+    exact = load_engine(tiny_checkpoint("moe")).prefill_logits(CONVERSATIONS[:1])[0]
+    rounded = engine.prefill_logits(CONVERSATIONS[:1])[0]
+    assert np.abs(rounded - exact).max() > 1e-3 * max(1.0, np.abs(exact).max())  # beyond the tolerance above

@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--llama-build", help="an existing llama.cpp build directory with llama-bench, "
                         "llama-batched-bench and llama-mtmd-cli in bin/ (default $QWEN3VL_LLAMA_BUILD, else "
                         "built on first use under $QWEN3VL_MOE_CACHE/llama.cpp)")
+    parser.add_argument("--kv-cache-format", default=None, choices=["float32", "bfloat16"],
+                        help="our KV cache's dtype (MAX's kv_cache_format; default: the compute dtype, which "
+                             "gives transformers' logits; bfloat16 halves its bytes on a float32 model)")
     parser.add_argument("--llama-kv-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                         help="llama.cpp's KV cache type (default f16, llama.cpp's own default)")
     parser.add_argument("--llama-repack", choices=["on", "off"], default="on",
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = {
         "model_path": str(model_path), "devices": args.devices, "encoding": encoding,
         "max_length": max(args.prompt_len, args.batch_prompt_len, 1024) + args.new_tokens,
-        "max_batch_size": args.batch, "image_size": args.image_size,
+        "max_batch_size": args.batch, "image_size": args.image_size, "kv_cache_format": args.kv_cache_format,
     }
     started = _dt.datetime.now()
     t_start = time.perf_counter()

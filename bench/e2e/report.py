@@ -193,6 +193,7 @@ def render(result: dict[str, Any], args: Any) -> tuple[str, str]:
 
     notes = [(f"bandwidth {result['bandwidth_gb_s']:.1f} GB/s (best of the run's measurements); floors: weights "
               f"read per step ({B} tokens hit {result['experts_hit_bN']:.1f} experts/layer under uniform routing)")]
+    notes.append(f"ours: KV cache {result['args'].get('kv_cache_format') or 'in the compute dtype'}")
     llama = result.get("llama")
     if llama:
         notes.append(f"llama.cpp: KV cache {llama['kv_type']}, weight repacking {llama['repack']}, "

@@ -131,6 +131,7 @@ class OursWorker:
                 quantization_encoding=spec["encoding"],
                 max_length=spec["max_length"],
                 max_batch_size=spec["max_batch_size"],
+                **({"kv_cache_format": spec["kv_cache_format"]} if spec.get("kv_cache_format") else {}),
             )
         if "total_s" not in compile_times.times.get("model", {}):
             print("warning: MAX logged no 'Building, compiling, and initializing ... took' line on the "

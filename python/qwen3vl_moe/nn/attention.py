@@ -83,8 +83,17 @@ class TextAttention(Module):
         ``rows``: when given, only these rows' outputs are projected and returned (every
         row's k/v still enters the cache)."""
         q, k, v = self._qkv(x, cos, sin)
-        store_k_cache_ragged(kv_collection, k, input_row_offsets, layer_idx)
-        store_v_cache_ragged(kv_collection, v, input_row_offsets, layer_idx)
+        cache_dtype = self.kv_params.dtype
+        if x.device.is_cpu() and cache_dtype != k.dtype:
+            # A cache narrower than the compute dtype (``kv_cache_format="bfloat16"``): k/v
+            # are rounded into it, and a fresh prefill attends to the rounded values, as
+            # every later step does through the cache.
+            k_cached, v_cached = ops.cast(k, cache_dtype), ops.cast(v, cache_dtype)
+            k, v = ops.cast(k_cached, k.dtype), ops.cast(v_cached, v.dtype)
+        else:
+            k_cached, v_cached = k, v
+        store_k_cache_ragged(kv_collection, k_cached, input_row_offsets, layer_idx)
+        store_v_cache_ragged(kv_collection, v_cached, input_row_offsets, layer_idx)
         scale = self.head_dim**-0.5
 
         def over_cache() -> TensorValue:
