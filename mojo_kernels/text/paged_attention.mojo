@@ -37,6 +37,10 @@ comptime SPLIT_MIN_KEYS = 256 # keys per task at least, when a sequence's keys a
 comptime KEY_BLOCK = 32       # keys scored per online-softmax step (a multiple of VW)
 comptime QUERY_CHUNK = 4      # queries sharing each key and value row load
 comptime MAX_HEAD_DIM = 128
+# A split task's partial sums in scratch: its outputs (MAX_QUERIES x MAX_HEAD_DIM), then
+# each query's running max and sum.
+comptime PARTIAL_STATS = MAX_QUERIES * MAX_HEAD_DIM
+comptime PARTIAL_SLOT = PARTIAL_STATS + 2 * MAX_QUERIES
 
 
 @always_inline
@@ -108,26 +112,29 @@ def _chunk[cdtype: DType, QC: Int](
 
 
 struct _Task(ImplicitlyCopyable):
-    """Rows r0 ..< r1 of sequence b, KV heads g0 ..< g1 (all their query heads), keys
-    k0 ..< k1; split >= 0: the task's partial sums go to scratch slot split."""
+    """Rows r0 ..< r1 of sequence b, KV head g (all its G query heads), keys k0 ..< k1;
+    split >= 0: the task's partial sums go to scratch slot split. Its queries are
+    ordered (row, head of the group): query i is row r0 + i // G, head g * G + i % G."""
     var b: Int
     var r0: Int
     var r1: Int
-    var g0: Int
-    var g1: Int
+    var g: Int
     var k0: Int
     var k1: Int
     var split: Int
 
-    def __init__(out self, b: Int, r0: Int, r1: Int, g0: Int, g1: Int, k0: Int, k1: Int, split: Int):
+    def __init__(out self, b: Int, r0: Int, r1: Int, g: Int, k0: Int, k1: Int, split: Int):
         self.b = b
         self.r0 = r0
         self.r1 = r1
-        self.g0 = g0
-        self.g1 = g1
+        self.g = g
         self.k0 = k0
         self.k1 = k1
         self.split = split
+
+    def row_offset(self, i: Int, row0: Int, H: Int, G: Int, D: Int) -> Int:
+        """Where query i's row starts in q and out [T, H, D] (row0: the sequence's first row)."""
+        return ((row0 + self.r0 + i // G) * H + self.g * G + i % G) * D
 
 
 def _attend[dtype: DType, cdtype: DType](
@@ -141,30 +148,17 @@ def _attend[dtype: DType, cdtype: DType](
     k_off: Int, v_off: Int, page_stride: Int, token_stride: Int,
     scale: Float32,
 ):
-    """One task (see _Task) of a sequence whose first row is row0. Its queries are ordered
-    (KV head, row, head of the group), so each KV head's are contiguous; every key block
-    (a run inside one page) is scored for all the task's KV heads while it is in cache,
-    reading the cache in memory order. A final task writes out; a split task writes
-    its unnormalised output, running max and sum to partial."""
-    var rows = task.r1 - task.r0
-    var per_g = rows * G
-    var nq = (task.g1 - task.g0) * per_g
+    """One task (see _Task) of a sequence whose first row is row0, key block by key block
+    (a run inside one page). A final task writes out; a split task writes its
+    unnormalised output, running max and sum to its slot of partial."""
+    var nq = (task.r1 - task.r0) * G
     var qs = rebind[FPtr](stack_allocation[MAX_QUERIES * MAX_HEAD_DIM, F32, alignment=64]())
     var os = rebind[FPtr](stack_allocation[MAX_QUERIES * MAX_HEAD_DIM, F32, alignment=64]())
     var ss = rebind[FPtr](stack_allocation[QUERY_CHUNK * KEY_BLOCK, F32, alignment=64]())
     var m = rebind[FPtr](stack_allocation[MAX_QUERIES, F32, alignment=64]())
     var l = rebind[FPtr](stack_allocation[MAX_QUERIES, F32, alignment=64]())
-
-    @always_inline
-    def row_of(i: Int) {var task, var per_g, var G} -> Int:
-        return task.r0 + (i % per_g) // G
-
-    @always_inline
-    def head_of(i: Int) {var task, var per_g, var G} -> Int:
-        return (task.g0 + i // per_g) * G + i % G
-
     for i in range(nq):
-        var src = q.unsafe_offset(((row0 + row_of(i)) * H + head_of(i)) * D)
+        var src = q.unsafe_offset(task.row_offset(i, row0, H, G, D))
         for d in range(D):
             qs[unsafe_offset=i * D + d] = src[unsafe_offset=d].cast[F32]()
             os[unsafe_offset=i * D + d] = 0
@@ -174,35 +168,30 @@ def _attend[dtype: DType, cdtype: DType](
     while t0 < task.k1:
         var slot0 = t0 % page_size
         var bk = min(KEY_BLOCK, page_size - slot0, task.k1 - t0)
-        var base = Int(pages[unsafe_offset=t0 // page_size]) * page_stride + slot0 * token_stride
+        var base = Int(pages[unsafe_offset=t0 // page_size]) * page_stride + slot0 * token_stride + task.g * D
+        var kb = kv.unsafe_offset(base + k_off)
+        var vb = kv.unsafe_offset(base + v_off)
         var visible = cached + task.r0 + 1 - t0   # keys of this block the task's first row sees
-        for g in range(task.g0, task.g1):
-            var kb = kv.unsafe_offset(base + k_off + g * D)
-            var vb = kv.unsafe_offset(base + v_off + g * D)
-            var first = (g - task.g0) * per_g
-            var c0 = 0
-            while c0 + QUERY_CHUNK <= per_g:
-                var at = first + c0
-                _chunk[cdtype, QUERY_CHUNK](qs.unsafe_offset(at * D), os.unsafe_offset(at * D), ss,
-                                             m.unsafe_offset(at), l.unsafe_offset(at), kb, vb, token_stride, D,
-                                             bk, visible, c0, G, scale)
-                c0 += QUERY_CHUNK
-            while c0 < per_g:
-                var at = first + c0
-                _chunk[cdtype, 1](qs.unsafe_offset(at * D), os.unsafe_offset(at * D), ss, m.unsafe_offset(at),
-                                  l.unsafe_offset(at), kb, vb, token_stride, D, bk, visible, c0, G, scale)
-                c0 += 1
+        var c0 = 0
+        while c0 + QUERY_CHUNK <= nq:
+            _chunk[cdtype, QUERY_CHUNK](qs.unsafe_offset(c0 * D), os.unsafe_offset(c0 * D), ss, m.unsafe_offset(c0),
+                                         l.unsafe_offset(c0), kb, vb, token_stride, D, bk, visible, c0, G, scale)
+            c0 += QUERY_CHUNK
+        while c0 < nq:
+            _chunk[cdtype, 1](qs.unsafe_offset(c0 * D), os.unsafe_offset(c0 * D), ss, m.unsafe_offset(c0),
+                              l.unsafe_offset(c0), kb, vb, token_stride, D, bk, visible, c0, G, scale)
+            c0 += 1
         t0 += bk
     if task.split >= 0:
-        var slot = partial.unsafe_offset(task.split * MAX_QUERIES * (MAX_HEAD_DIM + 2))
+        var slot = partial.unsafe_offset(task.split * PARTIAL_SLOT)
         for i in range(nq):
             for d in range(D):
                 slot[unsafe_offset=i * D + d] = os[unsafe_offset=i * D + d]
-            slot[unsafe_offset=MAX_QUERIES * MAX_HEAD_DIM + 2 * i] = m[unsafe_offset=i]
-            slot[unsafe_offset=MAX_QUERIES * MAX_HEAD_DIM + 2 * i + 1] = l[unsafe_offset=i]
+            slot[unsafe_offset=PARTIAL_STATS + 2 * i] = m[unsafe_offset=i]
+            slot[unsafe_offset=PARTIAL_STATS + 2 * i + 1] = l[unsafe_offset=i]
         return
     for i in range(nq):
-        var dst = o.unsafe_offset(((row0 + row_of(i)) * H + head_of(i)) * D)
+        var dst = o.unsafe_offset(task.row_offset(i, row0, H, G, D))
         var inv = 1 / l[unsafe_offset=i]
         for d in range(D):
             dst[unsafe_offset=d] = (os[unsafe_offset=i * D + d] * inv).cast[dtype]()
@@ -216,26 +205,21 @@ def _combine[dtype: DType](
 ):
     """Merges the partial sums of `splits` split tasks (the first is task) into out:
     sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s."""
-    var per_g = (task.r1 - task.r0) * G
-    var nq = (task.g1 - task.g0) * per_g
-    comptime SLOT = MAX_QUERIES * (MAX_HEAD_DIM + 2)
-    comptime STATS = MAX_QUERIES * MAX_HEAD_DIM
+    var nq = (task.r1 - task.r0) * G
     for i in range(nq):
         var mx = Float32.MIN
         for s in range(splits):
-            mx = max(mx, partial[unsafe_offset=(task.split + s) * SLOT + STATS + 2 * i])
+            mx = max(mx, partial[unsafe_offset=(task.split + s) * PARTIAL_SLOT + PARTIAL_STATS + 2 * i])
         var total = Float32(0)
         for s in range(splits):
-            var slot = (task.split + s) * SLOT
-            total += exp(partial[unsafe_offset=slot + STATS + 2 * i] - mx) * partial[unsafe_offset=slot + STATS + 2 * i + 1]
-        var row = task.r0 + (i % per_g) // G
-        var head = (task.g0 + i // per_g) * G + i % G
-        var dst = o.unsafe_offset(((row0 + row) * H + head) * D)
+            var stats = (task.split + s) * PARTIAL_SLOT + PARTIAL_STATS + 2 * i
+            total += exp(partial[unsafe_offset=stats] - mx) * partial[unsafe_offset=stats + 1]
+        var dst = o.unsafe_offset(task.row_offset(i, row0, H, G, D))
         for d in range(D):
             var acc = Float32(0)
             for s in range(splits):
-                var slot = (task.split + s) * SLOT
-                acc += exp(partial[unsafe_offset=slot + STATS + 2 * i] - mx) * partial[unsafe_offset=slot + i * D + d]
+                var slot = (task.split + s) * PARTIAL_SLOT
+                acc += exp(partial[unsafe_offset=slot + PARTIAL_STATS + 2 * i] - mx) * partial[unsafe_offset=slot + i * D + d]
             dst[unsafe_offset=d] = (acc / total).cast[dtype]()
 
 
@@ -316,7 +300,6 @@ struct PagedAttention:
         # all KV heads, reading each page in memory order, measured no faster: one task
         # at batch-1 decode leaves a core idle unless its keys are split, and the split's
         # merge is a second fork/join.)
-        var groups_per_task = 1
         var rows_per_task = max(1, MAX_QUERIES // G)
         var base = List[_Task]()
         for b in range(B):
@@ -329,8 +312,8 @@ struct PagedAttention:
                 raise Error(String(OP, ": a sequence's tokens exceed its lookup table row"))
             for r0 in range(0, hi - lo, rows_per_task):
                 var r1 = min(r0 + rows_per_task, hi - lo)
-                for g0 in range(0, Hkv, groups_per_task):
-                    base.append(_Task(b, r0, r1, g0, min(g0 + groups_per_task, Hkv), 0, cached + r1, -1))
+                for g in range(Hkv):
+                    base.append(_Task(b, r0, r1, g, 0, cached + r1, -1))
         var want = 2 * num_workers(T * H)
         var tasks = List[_Task]()
         var merges = List[Int]()   # index of each merged group's first task, then its split count
@@ -346,9 +329,9 @@ struct PagedAttention:
             merges.append(splits)
             var chunk = ceildiv(t.k1, splits)
             for s in range(splits):
-                tasks.append(_Task(t.b, t.r0, t.r1, t.g0, t.g1, s * chunk, min(t.k1, s * chunk + chunk), n_splits))
+                tasks.append(_Task(t.b, t.r0, t.r1, t.g, s * chunk, min(t.k1, s * chunk + chunk), n_splits))
                 n_splits += 1
-        var partial = List[Float32](unsafe_uninit_length=n_splits * MAX_QUERIES * (MAX_HEAD_DIM + 2))
+        var partial = List[Float32](unsafe_uninit_length=n_splits * PARTIAL_SLOT)
         var op = output.unsafe_ptr()
         var qp = q.unsafe_ptr()
         var kvp = kv_blocks.unsafe_ptr()

@@ -5,8 +5,8 @@ Causal attention of a step's queries over MAX's paged KV cache on CPU: what
 steps that read cached tokens (decode, and a prefill after a cached prefix),
 with one task per KV head (its group's query heads share every key and value
 row load) and the keys split between tasks when there are few. Against MAX
-26.7's CPU kernel, a batch-1 decode step of the medium preset is ~0.3-0.5 ms
-shorter (docs/STATUS.md).
+26.7's CPU kernel, the medium preset's batch-1 decode graph is ~0.5-1 ms
+shorter at 45-1,200 cached tokens (docs/STATUS.md).
 """
 
 from __future__ import annotations
