@@ -237,3 +237,24 @@ def test_cpu_expert_panels(moe_dir, tmp_path, storage_dtype, layout):
             assert at == want, (name, e, j, k, g, c)
         if pairs and K % 2:   # the row past an odd K is 0
             assert not got[:, :, -1, 1::2].any()
+
+
+@pytest.mark.parametrize("source", ["bfloat16", "float16"])
+def test_widening_casts_are_exact(source):
+    """The adapter's own float32 widening (no MAX cast graph) gives torch's values bit for bit,
+    including infinities, subnormals and signed zeros (NaN stays NaN; payloads may differ)."""
+    import torch
+    from max.dtype import DType
+    from max.graph.weights import WeightData
+    from qwen3vl_moe.weight_adapters import _cast, _from_bits, _numpy
+
+    bits = np.arange(1 << 16, dtype=np.uint16).reshape(256, 256)   # every 16-bit pattern
+    dtype = getattr(DType, source)
+    data = _from_bits(bits, dtype, "w") if source == "bfloat16" else WeightData.from_numpy(bits.view(np.float16), "w")
+    wide = _cast(data, DType.float32)
+    assert wide.dtype == DType.float32 and tuple(int(d) for d in wide.shape) == (256, 256) and wide.name == "w"
+    want = torch.from_numpy(bits.view(np.int16)).view(getattr(torch, source)).float().numpy()
+    got = _numpy(wide)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))

@@ -18,7 +18,7 @@ from max.gpu.host import DeviceBuffer, DeviceContext
 from max.gpu import thread_idx, block_idx
 from std.math import exp
 
-from text.routing import enqueue_route_gpu, route_token
+from text.routing import enqueue_route_gpu, route_counts_size, route_token
 from text.gpu_moe import enqueue_gate_up_gpu, enqueue_down_gpu
 
 comptime T = 4096
@@ -95,6 +95,7 @@ def run_config[dtype: DType, hub: Bool, ldsm: Bool = True](ctx: DeviceContext, n
     var ids_b = ctx.enqueue_create_buffer[DType.int32](S)
     var perm_b = ctx.enqueue_create_buffer[DType.int32](S)
     var off_b = ctx.enqueue_create_buffer[DType.int32](E + 1)
+    var counts_b = ctx.enqueue_create_buffer[DType.int32](route_counts_size(S, E))
     var h_b = ctx.enqueue_create_buffer[dtype](S * I)
     var ws_b = ctx.enqueue_create_buffer[dtype](S * H)
     var y_b = ctx.enqueue_create_buffer[dtype](T * H)
@@ -106,6 +107,7 @@ def run_config[dtype: DType, hub: Bool, ldsm: Bool = True](ctx: DeviceContext, n
     var ids = ids_b.unsafe_ptr().as_unsafe_any_origin()
     var perm = perm_b.unsafe_ptr().as_unsafe_any_origin()
     var off = off_b.unsafe_ptr().as_unsafe_any_origin()
+    var counts = counts_b.unsafe_ptr().as_unsafe_any_origin()
     var h = h_b.unsafe_ptr().as_unsafe_any_origin()
     var ws = ws_b.unsafe_ptr().as_unsafe_any_origin()
     var y = y_b.unsafe_ptr().as_unsafe_any_origin()
@@ -114,8 +116,8 @@ def run_config[dtype: DType, hub: Bool, ldsm: Bool = True](ctx: DeviceContext, n
     fill[dtype](ctx, gu, E * H * 2 * I, 13, 0.03)
     fill[dtype](ctx, dn, E * I * H, 14, 0.03)
 
-    def run_route(c: DeviceContext) raises {var lg, var rw, var ids, var perm, var off}:
-        enqueue_route_gpu[dtype, TOPK](c, lg, rw, ids, perm, off, T, E)
+    def run_route(c: DeviceContext) raises {var lg, var rw, var ids, var perm, var off, var counts}:
+        enqueue_route_gpu[dtype, TOPK](c, lg, rw, ids, perm, off, counts, route_counts_size(S, E), T, E)
 
     def run_gate_up(c: DeviceContext) raises {var h, var x, var gu, var perm, var off}:
         enqueue_gate_up_gpu[dtype, hub, ldsm](c, h, x, gu, perm, off, T, TOPK, E, H, I)

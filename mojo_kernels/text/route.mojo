@@ -18,9 +18,12 @@ struct MoeRoute:
 
     Shapes: logits [T, E] float32/bfloat16 -> weights [T, top_k] (logits' dtype),
     ids [T, top_k] int32, perm [T, top_k] int32 (read flat: perm[p], p < T*top_k),
-    offsets [E+1] int32. Compile-time parameter: top_k (1 <= top_k <= E).
-    CPU: tokens in parallel, then a serial counting sort. GPU: one thread per token for
-    the top-k, then per-chunk counts, a scan and a stable per-chunk scatter.
+    offsets [E+1] int32, scratch [n] int32 (GPU: the per-chunk expert counts,
+    n >= max(ceil(T*top_k / 256), 1) * E, allocated by the graph so that a call
+    allocates nothing; CPU: unused, n may be 0). Compile-time parameter: top_k
+    (1 <= top_k <= E). CPU: tokens in parallel, then a serial counting sort. GPU: one
+    thread per token for the top-k, then per-chunk counts, a scan and a stable
+    per-chunk scatter.
     """
 
     @staticmethod
@@ -29,6 +32,7 @@ struct MoeRoute:
         ids: OutputTensor[dtype=DType.int32, rank=2, ...],
         perm: OutputTensor[dtype=DType.int32, rank=2, ...],
         offsets: OutputTensor[dtype=DType.int32, rank=1, ...],
+        scratch: OutputTensor[dtype=DType.int32, rank=1, ...],
         logits: InputTensor[dtype=weights.dtype, rank=2, ...],
         ctx: DeviceContext,
     ) raises:
@@ -53,7 +57,8 @@ struct MoeRoute:
                 offsets.unsafe_ptr(), T, E,
             )
         else:
+            require_contiguous(OP, "scratch", scratch.shape(), scratch.strides())
             enqueue_route_gpu[dtype, top_k](
                 ctx, logits.unsafe_ptr(), weights.unsafe_ptr(), ids.unsafe_ptr(), perm.unsafe_ptr(),
-                offsets.unsafe_ptr(), T, E,
+                offsets.unsafe_ptr(), scratch.unsafe_ptr(), scratch.dim_size(0), T, E,
             )

@@ -170,33 +170,43 @@ def enqueue_route_gpu[
     ids: Pointer[Int32, MutAnyOrigin],
     perm: Pointer[Int32, MutAnyOrigin],
     offsets: Pointer[Int32, MutAnyOrigin],
+    counts: Pointer[Int32, MutAnyOrigin],
+    counts_size: Int,
     T: Int, E: Int,
 ) raises:
-    """The four routing kernels (see the top of this file)."""
+    """The four routing kernels (see the top of this file). ``counts``: device scratch of
+    ``counts_size`` >= ``route_counts_size(T * top_k, E)`` int32, given by the caller so
+    that routing allocates nothing per call (device graph capture needs that)."""
     if E > ROUTE_MAX_EXPERTS:
         raise Error("qwen3vl_moe_route: at most 1024 experts on GPU")
     var S = T * top_k
     var n_chunks = ceildiv(S, ROUTE_CHUNK)
+    if counts_size < route_counts_size(S, E):
+        raise Error("qwen3vl_moe_route: the scratch holds fewer than max(ceil(T*top_k/256), 1) * E counts")
     # counts[chunk, e], turned into the first sorted position of (chunk, e) by the scan
-    var counts = ctx.enqueue_create_buffer[DType.int32](max(n_chunks, 1) * E)
     if S > 0:
         ctx.enqueue_function[route_topk_kernel[dtype, top_k]](
             logits, weights, ids, Int32(T), Int32(E),
             grid_dim=ceildiv(T, ROUTE_THREADS), block_dim=ROUTE_THREADS,
         )
         ctx.enqueue_function[route_count_kernel](
-            ids, counts.unsafe_ptr(), Int32(S), Int32(E),
+            ids, counts, Int32(S), Int32(E),
             grid_dim=n_chunks, block_dim=ROUTE_THREADS,
         )
     ctx.enqueue_function[route_scan_kernel](
-        counts.unsafe_ptr(), offsets, Int32(n_chunks), Int32(E),
+        counts, offsets, Int32(n_chunks), Int32(E),
         grid_dim=1, block_dim=ROUTE_THREADS,
     )
     if S > 0:
         ctx.enqueue_function[route_scatter_kernel](
-            ids, counts.unsafe_ptr(), perm, Int32(S), Int32(E),
+            ids, counts, perm, Int32(S), Int32(E),
             grid_dim=n_chunks, block_dim=ROUTE_THREADS,
         )
+
+
+def route_counts_size(S: Int, E: Int) -> Int:
+    """Int32 counts the GPU routing needs for S slots and E experts: one row of E per chunk."""
+    return max(ceildiv(S, ROUTE_CHUNK), 1) * E
 
 
 def route_cpu[

@@ -356,6 +356,45 @@ def default_cpu_encoding_to_float32(pipeline_model: type) -> None:
 # `execute` raises. Both uses below are installed when this package's
 # architecture module is imported, so they hold under plain
 # `max serve --custom-architectures qwen3vl_moe` as well as `qwen3vl-moe serve`.
+# Each patches its MAX module when that module is imported (at once if it
+# already is): importing MAX's server (~1 s, the OpenAI schemas) would
+# otherwise be part of every model load, served or not.
+
+import importlib.abc  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs ``patch(module)`` right after ``name`` is first executed (a one-shot import hook)."""
+
+    def __init__(self, name: str, patch: Any) -> None:
+        self.name, self.patch, self.loader = name, patch, None
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        self.patch(module)
+
+
+def patch_when_imported(name: str, patch: Any) -> None:
+    """``patch(module)`` now if module ``name`` is imported, else right after its import."""
+    module = sys.modules.get(name)
+    if module is not None:
+        patch(module)
+    elif not any(isinstance(f, _PatchOnImport) and f.name == name and f.patch is patch for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport(name, patch))
 
 
 def on_serving_app(install):  # type: ignore[no-untyped-def]
@@ -366,20 +405,22 @@ def on_serving_app(install):  # type: ignore[no-untyped-def]
     ``max.serve.api_server``) once per server; rebinding that global is the
     only way in. Idempotent per ``install``.
     """
-    from max._entrypoints.cli.serve import serve_api_and_model_worker as entry
 
-    build = entry.fastapi_app
-    installed = getattr(build, "_qwen3vl_moe_installs", ())
-    if install in installed:
-        return
+    def wrap(entry):  # type: ignore[no-untyped-def]
+        build = entry.fastapi_app
+        installed = getattr(build, "_qwen3vl_moe_installs", ())
+        if install in installed:
+            return
 
-    def fastapi_app(*args, **kwargs):  # type: ignore[no-untyped-def]
-        app = build(*args, **kwargs)
-        install(app)
-        return app
+        def fastapi_app(*args, **kwargs):  # type: ignore[no-untyped-def]
+            app = build(*args, **kwargs)
+            install(app)
+            return app
 
-    fastapi_app._qwen3vl_moe_installs = (*installed, install)  # type: ignore[attr-defined]
-    entry.fastapi_app = fastapi_app
+        fastapi_app._qwen3vl_moe_installs = (*installed, install)  # type: ignore[attr-defined]
+        entry.fastapi_app = fastapi_app
+
+    patch_when_imported("max._entrypoints.cli.serve.serve_api_and_model_worker", wrap)
 
 
 def fail_batch_on_execute_error(model_class: type) -> None:
@@ -434,20 +475,22 @@ def deadline_on_media_fetches(seconds: float) -> None:
     import asyncio
 
     from max.pipelines.context import InputError
-    from max.serve.router import openai_routes
 
-    resolve = openai_routes.resolve_image_from_url
-    if getattr(resolve, "_qwen3vl_moe", False):
-        return
+    def wrap(openai_routes):  # type: ignore[no-untyped-def]
+        resolve = openai_routes.resolve_image_from_url
+        if getattr(resolve, "_qwen3vl_moe", False):
+            return
 
-    async def resolve_image_from_url(image_ref, *args, **kwargs):  # type: ignore[no-untyped-def]
-        try:
-            return await asyncio.wait_for(resolve(image_ref, *args, **kwargs), seconds)
-        except TimeoutError:
-            raise InputError(
-                f"fetching media from {str(image_ref)[:120]} took longer than {seconds:g} s, the server's "
-                "limit for one media item (QWEN3VL_MOE_MEDIA_FETCH_DEADLINE_S)"
-            ) from None
+        async def resolve_image_from_url(image_ref, *args, **kwargs):  # type: ignore[no-untyped-def]
+            try:
+                return await asyncio.wait_for(resolve(image_ref, *args, **kwargs), seconds)
+            except TimeoutError:
+                raise InputError(
+                    f"fetching media from {str(image_ref)[:120]} took longer than {seconds:g} s, the server's "
+                    "limit for one media item (QWEN3VL_MOE_MEDIA_FETCH_DEADLINE_S)"
+                ) from None
 
-    resolve_image_from_url._qwen3vl_moe = True  # type: ignore[attr-defined]
-    openai_routes.resolve_image_from_url = resolve_image_from_url
+        resolve_image_from_url._qwen3vl_moe = True  # type: ignore[attr-defined]
+        openai_routes.resolve_image_from_url = resolve_image_from_url
+
+    patch_when_imported("max.serve.router.openai_routes", wrap)

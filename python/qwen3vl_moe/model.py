@@ -223,18 +223,24 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
         The Mojo packages are listed as built ``.mojoc`` files from the kernel
         cache (``kernel_extension``), not as source directories, which MAX
         re-packages at every trace and compile: with them a cached load
-        compiles nothing (MAX's cache hits for the group as a whole).
+        compiles nothing (MAX's cache hits for the group as a whole). Both
+        graphs trace with all three packages (each lists its own, names the
+        others): MAX analyses a graph's kernel libraries at its first custom
+        op (~1 s) and reuses the analysis only for the same set of paths.
         """
         del model_config
         vision, decoder = self.model.vision_encoder, self.model.language_model
+        vision_packages = (kernel_extension("vision"), kernel_extension("attention"))
+        text_packages = (kernel_extension("text"),)
         return {
-            GraphRole.VISION: GraphSpec(
+            GraphRole.VISION: GroupMemberSpec(
                 vision,
                 "qwen3vl_vision",
                 tuple(tree.leaves(vision.input_tree())),
                 weights=self._vision_weights_dict,
                 group=_COMPILE_GROUP,
-                custom_extensions=(kernel_extension("vision"), kernel_extension("attention")),
+                custom_extensions=vision_packages,
+                listed_by_group=text_packages,
             ),
             GraphRole.DECODER: GroupMemberSpec(
                 decoder,
@@ -242,8 +248,8 @@ class Qwen3VLModel(BuiltinQwen3VLModel):
                 tuple(tree.leaves(decoder.input_tree(self.kv_params))),
                 weights=self._language_weights_dict,
                 group=_COMPILE_GROUP,
-                custom_extensions=(kernel_extension("text"),),
-                listed_by_group=(kernel_extension("attention"),),
+                custom_extensions=text_packages,
+                listed_by_group=vision_packages,
             ),
         }
 
