@@ -24,7 +24,8 @@ from max.gpu.host import DeviceContext
 from std.collections import Array
 from std.math import ceildiv, exp, iota
 from std.memory import stack_allocation
-from std.sys import simd_width_of
+from std.sys import simd_width_of, size_of
+from std.sys.intrinsics import prefetch
 
 from .contiguity import require_contiguous
 from .cpu_scheduler import num_workers, run_dynamic
@@ -111,6 +112,20 @@ def _chunk[cdtype: DType, QC: Int](
         d += 1
 
 
+@always_inline
+def _prefetch_block[cdtype: DType](
+    kv: Pointer[Scalar[cdtype], MutAnyOrigin], base: Int, k_off: Int, v_off: Int, bk: Int,
+    token_stride: Int, D: Int,
+):
+    """Software prefetch of one key block's K and V rows (bk rows of D, token_stride apart)."""
+    comptime LINE = 64 // size_of[cdtype]()
+    for j in range(bk):
+        var row = base + j * token_stride
+        for d in range(0, D, LINE):
+            prefetch(kv.unsafe_offset(row + k_off + d))
+            prefetch(kv.unsafe_offset(row + v_off + d))
+
+
 struct _Task(ImplicitlyCopyable):
     """Rows r0 ..< r1 of sequence b, KV head g (all its G query heads), keys k0 ..< k1;
     split >= 0: the task's partial sums go to scratch slot split. Its queries are
@@ -164,13 +179,25 @@ def _attend[dtype: DType, cdtype: DType](
             os[unsafe_offset=i * D + d] = 0
         m[unsafe_offset=i] = Float32.MIN
         l[unsafe_offset=i] = 0
+    # A key block is a run of up to KEY_BLOCK keys inside one page: its rows start at
+    # block_start(t) and lie token_stride apart (2 rows per 4 KiB page at medium's dims,
+    # which the hardware prefetchers do not follow), so the next block is prefetched.
+    def block_start(t: Int) {var pages, var page_size, var page_stride, var token_stride, var task, var D} -> Int:
+        return Int(pages[unsafe_offset=t // page_size]) * page_stride + (t % page_size) * token_stride + task.g * D
+
+    def block_len(t: Int) {var page_size, var task} -> Int:
+        return min(KEY_BLOCK, page_size - t % page_size, task.k1 - t)
+
     var t0 = task.k0
+    if t0 < task.k1:
+        _prefetch_block(kv, block_start(t0), k_off, v_off, block_len(t0), token_stride, D)
     while t0 < task.k1:
-        var slot0 = t0 % page_size
-        var bk = min(KEY_BLOCK, page_size - slot0, task.k1 - t0)
-        var base = Int(pages[unsafe_offset=t0 // page_size]) * page_stride + slot0 * token_stride + task.g * D
+        var bk = block_len(t0)
+        var base = block_start(t0)
         var kb = kv.unsafe_offset(base + k_off)
         var vb = kv.unsafe_offset(base + v_off)
+        if t0 + bk < task.k1:
+            _prefetch_block(kv, block_start(t0 + bk), k_off, v_off, block_len(t0 + bk), token_stride, D)
         var visible = cached + task.r0 + 1 - t0   # keys of this block the task's first row sees
         var c0 = 0
         while c0 + QUERY_CHUNK <= nq:
