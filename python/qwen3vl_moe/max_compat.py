@@ -268,7 +268,10 @@ def mojo_precompile(source: Path, out: Path) -> None:
 # ``compile_graphs`` compiles the graphs of one group with the concatenation
 # of their members' ``custom_extensions``, and a package listed twice fails
 # ("kernel ... registered multiple times"). So a package shared by two graphs
-# is listed by one member and named by the others for tracing only.
+# is listed by one member and named by the others for tracing only. Tracing
+# analyses a graph's kernel libraries once per set of paths
+# (``KernelLibrary._analysis_cache``, keyed by the paths), so members that
+# trace with the same set share one analysis.
 
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -278,7 +281,8 @@ from max.pipelines.lib.graph_specs import GraphSpec  # noqa: E402
 
 @dataclass(frozen=True)
 class GroupMemberSpec(GraphSpec):
-    """A graph that also uses packages another graph of its group lists (for tracing only)."""
+    """A graph traced also with packages another graph of its group lists (tracing only:
+    packages it uses, or that make its set of paths the other graphs' set)."""
 
     listed_by_group: tuple[Path, ...] = ()
 
