@@ -48,13 +48,22 @@ comptime PARTIAL_SLOT = PARTIAL_STATS + 2 * MAX_QUERIES
 def _chunk[cdtype: DType, QC: Int](
     qs: FPtr, os: FPtr, ss: FPtr, m: FPtr, l: FPtr,
     kb: Pointer[Scalar[cdtype], MutAnyOrigin], vb: Pointer[Scalar[cdtype], MutAnyOrigin],
+    next_kb: Pointer[Scalar[cdtype], MutAnyOrigin], prefetch_rows: Int,
     token_stride: Int, D: Int, bk: Int, visible: Int, c0: Int, nh: Int, scale: Float32,
 ):
     """One key block for QC queries c0 ..< c0 + QC of a task (their q at qs, running max m,
     sum l and output os; query i, of row i // nh, sees visible + i // nh keys of the block;
-    scores in ss)."""
+    scores in ss). While scoring key j it prefetches this block's value row j (read by
+    the p @ V pass below) and, for j < prefetch_rows, the next block's key row j."""
+    comptime LINE = 64 // size_of[cdtype]()
     # scores: each key row is loaded once for the QC queries
     for j in range(bk):
+        if prefetch_rows >= 0:
+            for d in range(0, D, LINE):
+                prefetch(vb.unsafe_offset(j * token_stride + d))
+            if j < prefetch_rows:
+                for d in range(0, D, LINE):
+                    prefetch(next_kb.unsafe_offset(j * token_stride + d))
         var k = kb.unsafe_offset(j * token_stride)
         var acc = Array[SIMD[F32, VW], QC](fill=SIMD[F32, VW](0))
         var d = 0
@@ -113,17 +122,14 @@ def _chunk[cdtype: DType, QC: Int](
 
 
 @always_inline
-def _prefetch_block[cdtype: DType](
-    kv: Pointer[Scalar[cdtype], MutAnyOrigin], base: Int, k_off: Int, v_off: Int, bk: Int,
-    token_stride: Int, D: Int,
+def _prefetch_rows[cdtype: DType](
+    rows: Pointer[Scalar[cdtype], MutAnyOrigin], n: Int, token_stride: Int, D: Int,
 ):
-    """Software prefetch of one key block's K and V rows (bk rows of D, token_stride apart)."""
+    """Software prefetch of n rows of D, token_stride apart."""
     comptime LINE = 64 // size_of[cdtype]()
-    for j in range(bk):
-        var row = base + j * token_stride
+    for j in range(n):
         for d in range(0, D, LINE):
-            prefetch(kv.unsafe_offset(row + k_off + d))
-            prefetch(kv.unsafe_offset(row + v_off + d))
+            prefetch(rows.unsafe_offset(j * token_stride + d))
 
 
 struct _Task(ImplicitlyCopyable):
@@ -189,24 +195,29 @@ def _attend[dtype: DType, cdtype: DType](
         return min(KEY_BLOCK, page_size - t % page_size, task.k1 - t)
 
     var t0 = task.k0
-    if t0 < task.k1:
-        _prefetch_block(kv, block_start(t0), k_off, v_off, block_len(t0), token_stride, D)
+    if t0 < task.k1:  # the first block's keys; later ones are prefetched a block ahead
+        _prefetch_rows(kv.unsafe_offset(block_start(t0) + k_off), block_len(t0), token_stride, D)
     while t0 < task.k1:
         var bk = block_len(t0)
         var base = block_start(t0)
         var kb = kv.unsafe_offset(base + k_off)
         var vb = kv.unsafe_offset(base + v_off)
+        var next_kb = kb
+        var next_bk = 0
         if t0 + bk < task.k1:
-            _prefetch_block(kv, block_start(t0 + bk), k_off, v_off, block_len(t0 + bk), token_stride, D)
+            next_kb = kv.unsafe_offset(block_start(t0 + bk) + k_off)
+            next_bk = block_len(t0 + bk)
         var visible = cached + task.r0 + 1 - t0   # keys of this block the task's first row sees
         var c0 = 0
-        while c0 + QUERY_CHUNK <= nq:
+        while c0 + QUERY_CHUNK <= nq:  # the first chunk of queries prefetches for all
             _chunk[cdtype, QUERY_CHUNK](qs.unsafe_offset(c0 * D), os.unsafe_offset(c0 * D), ss, m.unsafe_offset(c0),
-                                         l.unsafe_offset(c0), kb, vb, token_stride, D, bk, visible, c0, G, scale)
+                                         l.unsafe_offset(c0), kb, vb, next_kb, next_bk if c0 == 0 else -1,
+                                         token_stride, D, bk, visible, c0, G, scale)
             c0 += QUERY_CHUNK
         while c0 < nq:
             _chunk[cdtype, 1](qs.unsafe_offset(c0 * D), os.unsafe_offset(c0 * D), ss, m.unsafe_offset(c0),
-                              l.unsafe_offset(c0), kb, vb, token_stride, D, bk, visible, c0, G, scale)
+                              l.unsafe_offset(c0), kb, vb, next_kb, next_bk if c0 == 0 else -1,
+                              token_stride, D, bk, visible, c0, G, scale)
             c0 += 1
         t0 += bk
     if task.split >= 0:
