@@ -45,25 +45,33 @@ comptime PARTIAL_SLOT = PARTIAL_STATS + 2 * MAX_QUERIES
 
 
 @always_inline
+def _prefetch_rows[cdtype: DType](
+    rows: Pointer[Scalar[cdtype], MutAnyOrigin], n: Int, token_stride: Int, D: Int,
+):
+    """Software prefetch of n rows of D, token_stride apart."""
+    comptime LINE = 64 // size_of[cdtype]()
+    for j in range(n):
+        for d in range(0, D, LINE):
+            prefetch(rows.unsafe_offset(j * token_stride + d))
+
+
+@always_inline
 def _chunk[cdtype: DType, QC: Int](
     qs: FPtr, os: FPtr, ss: FPtr, m: FPtr, l: FPtr,
     kb: Pointer[Scalar[cdtype], MutAnyOrigin], vb: Pointer[Scalar[cdtype], MutAnyOrigin],
-    next_kb: Pointer[Scalar[cdtype], MutAnyOrigin], prefetch_rows: Int,
+    prefetching: Bool, next_kb: Pointer[Scalar[cdtype], MutAnyOrigin], next_bk: Int,
     token_stride: Int, D: Int, bk: Int, visible: Int, c0: Int, nh: Int, scale: Float32,
 ):
     """One key block for QC queries c0 ..< c0 + QC of a task (their q at qs, running max m,
     sum l and output os; query i, of row i // nh, sees visible + i // nh keys of the block;
-    scores in ss). While scoring key j it prefetches this block's value row j (read by
-    the p @ V pass below) and, for j < prefetch_rows, the next block's key row j."""
-    comptime LINE = 64 // size_of[cdtype]()
+    scores in ss). With ``prefetching``, scoring key j prefetches this block's value row j
+    (read by the p @ V pass below) and, for j < next_bk, the next block's key row j."""
     # scores: each key row is loaded once for the QC queries
     for j in range(bk):
-        if prefetch_rows >= 0:
-            for d in range(0, D, LINE):
-                prefetch(vb.unsafe_offset(j * token_stride + d))
-            if j < prefetch_rows:
-                for d in range(0, D, LINE):
-                    prefetch(next_kb.unsafe_offset(j * token_stride + d))
+        if prefetching:
+            _prefetch_rows(vb.unsafe_offset(j * token_stride), 1, token_stride, D)
+            if j < next_bk:
+                _prefetch_rows(next_kb.unsafe_offset(j * token_stride), 1, token_stride, D)
         var k = kb.unsafe_offset(j * token_stride)
         var acc = Array[SIMD[F32, VW], QC](fill=SIMD[F32, VW](0))
         var d = 0
@@ -119,17 +127,6 @@ def _chunk[cdtype: DType, QC: Int](
                 o += ss[unsafe_offset=c * KEY_BLOCK + j] * vb[unsafe_offset=j * token_stride + d].cast[F32]()
             os[unsafe_offset=c * D + d] = o
         d += 1
-
-
-@always_inline
-def _prefetch_rows[cdtype: DType](
-    rows: Pointer[Scalar[cdtype], MutAnyOrigin], n: Int, token_stride: Int, D: Int,
-):
-    """Software prefetch of n rows of D, token_stride apart."""
-    comptime LINE = 64 // size_of[cdtype]()
-    for j in range(n):
-        for d in range(0, D, LINE):
-            prefetch(rows.unsafe_offset(j * token_stride + d))
 
 
 struct _Task(ImplicitlyCopyable):
@@ -211,12 +208,12 @@ def _attend[dtype: DType, cdtype: DType](
         var c0 = 0
         while c0 + QUERY_CHUNK <= nq:  # the first chunk of queries prefetches for all
             _chunk[cdtype, QUERY_CHUNK](qs.unsafe_offset(c0 * D), os.unsafe_offset(c0 * D), ss, m.unsafe_offset(c0),
-                                         l.unsafe_offset(c0), kb, vb, next_kb, next_bk if c0 == 0 else -1,
+                                         l.unsafe_offset(c0), kb, vb, c0 == 0, next_kb, next_bk,
                                          token_stride, D, bk, visible, c0, G, scale)
             c0 += QUERY_CHUNK
         while c0 < nq:
             _chunk[cdtype, 1](qs.unsafe_offset(c0 * D), os.unsafe_offset(c0 * D), ss, m.unsafe_offset(c0),
-                              l.unsafe_offset(c0), kb, vb, next_kb, next_bk if c0 == 0 else -1,
+                              l.unsafe_offset(c0), kb, vb, c0 == 0, next_kb, next_bk,
                               token_stride, D, bk, visible, c0, G, scale)
             c0 += 1
         t0 += bk

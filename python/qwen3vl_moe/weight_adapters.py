@@ -550,7 +550,7 @@ def _cast(data: WeightData, dtype: DType) -> WeightData:
         wide = _numpy(data).astype(np.float32)
     else:
         return data.astype(dtype)
-    return WeightData(data=Buffer.from_numpy(wide), name=data.name, dtype=dtype, shape=Shape(wide.shape))
+    return _from_bits(wide, dtype, data.name)
 
 
 def _numpy(data: WeightData) -> np.ndarray:

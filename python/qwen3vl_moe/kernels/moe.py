@@ -191,8 +191,8 @@ def pack_expert_panels(w: np.ndarray, groups: int, pairs: bool) -> np.ndarray:
 
     # numpy copies without the GIL: one thread per core (most of the time is the
     # kernel providing the output's fresh pages, which also runs on every core).
-    with ThreadPoolExecutor(min(E, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                else os.cpu_count() or 1)) as pool:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max(1, min(E, cores))) as pool:
         list(pool.map(pack, range(E)))
     return out
 
