@@ -144,6 +144,7 @@ def check(model, rng, cached, rows, kv_heads, group, d, layers, page_size, layer
 @example(seqs=[(0, 1)], kv_heads=1, group=1, d=8, layers=1, page_size=16, data=None)       # one key in all
 @example(seqs=[(1500, 1)], kv_heads=4, group=8, d=128, layers=2, page_size=128, data=None)  # keys split 4 ways
 @example(seqs=[(600, 3)], kv_heads=2, group=2, d=72, layers=1, page_size=16, data=None)     # rows and splits
+@example(seqs=[(300, 2), (40, 1)], kv_heads=4, group=2, d=72, layers=2, page_size=16, data=None)  # all-heads + per-head tasks
 def test_paged_attention_matches_reference(model, seqs, kv_heads, group, d, layers, page_size, data):
     layer = layers - 1 if data is None else data.draw(st.integers(0, layers - 1))
     cached, rows = zip(*seqs)

@@ -13,7 +13,7 @@
 # the bytes a decode step reads and compute exactly what upcast weights would).
 from std.math import ceildiv
 from std.sys import simd_width_of, size_of
-from std.sys.intrinsics import prefetch
+from std.sys.intrinsics import PrefetchOptions, prefetch
 from std.sys import llvm_intrinsic
 from std.sys.info import CompilationTarget
 from std.memory import bitcast
@@ -74,10 +74,17 @@ def dot_tile[
     a: Array[Pointer[Scalar[dtype], MutAnyOrigin], MR],
     b: Array[Pointer[Scalar[wdtype], MutAnyOrigin], NC],
     K: Int,
+    pf: Pointer[Scalar[wdtype], MutAnyOrigin],
+    pf_lines: Int,
 ) -> Array[Float32, MR * NC]:
-    """Dot-product tile: out[r, c] = sum_k a[r][k] * b[c][k]  (float32 accumulation)."""
+    """Dot-product tile: out[r, c] = sum_k a[r][k] * b[c][k]  (float32 accumulation).
+
+    pf_lines > 0: each VEC step of the float32 loop also prefetches that many cache
+    lines, to L2, of the contiguous bytes from pf on (the caller's next tile)."""
+    comptime LINE = 64 // size_of[wdtype]()
     var acc = Array[SIMD[F32, VEC], MR * NC](fill=0)
     var k = 0
+    var pf_at = 0
     comptime if dtype == BF16 and wdtype == BF16 and USE_DPBF16:
         while k + 2 * VEC <= K:
             var bw = Array[SIMD[BF16, 32], NC](fill=0)
@@ -91,6 +98,9 @@ def dot_tile[
                     )
             k += 2 * VEC
     while k + VEC <= K:
+        for _ in range(pf_lines):
+            prefetch[PrefetchOptions().for_read().medium_locality()](pf.unsafe_offset(pf_at))
+            pf_at += LINE
         var bv = Array[SIMD[F32, VEC], NC](fill=0)
         comptime for c in range(NC):
             bv[c] = b[c].unsafe_load[width=VEC](k).cast[F32]()

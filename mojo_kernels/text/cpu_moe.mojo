@@ -323,7 +323,7 @@ def _dot_cols[
     comptime for g in range(NB):
         comptime for c in range(NC):
             b[g * NC + c] = w_e.unsafe_offset((g * N + n + c) * K)
-    var acc = dot_tile[dtype, wdtype, DOT_MR, NB * NC](a, b, K)
+    var acc = dot_tile[dtype, wdtype, DOT_MR, NB * NC](a, b, K, b[0], 0)
     comptime for i in range(DOT_MR):
         if i < rows:
             comptime for c in range(NC):

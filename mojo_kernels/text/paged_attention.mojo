@@ -1,12 +1,14 @@
 # Causal attention of a step's queries over MAX's paged KV cache, on CPU.
 #
 # A decode step (and a prefill after a cached prefix) attends over every cached
-# token; this replaces MAX 26.7's CPU flash_attention_ragged there. A task takes
-# the queries of one KV head (the query heads of its group, up to MAX_QUERIES of
-# them over a block of rows), streams that head's keys and values page by page,
-# and keeps scores, the running softmax and the outputs in L1; each key and
-# value row is loaded once for QUERY_CHUNK queries. When there are fewer tasks
-# than twice the workers (batch-1 decode), a sequence's keys are split between
+# token; this replaces MAX 26.7's CPU flash_attention_ragged there. A task takes up
+# to MAX_QUERIES (row, head) queries of one sequence: at decode (few rows) every head
+# of its rows, so that it reads whole cache rows (all KV heads of a token, contiguous)
+# in memory order; with more rows, the query heads of one KV head over a block of
+# rows, so that each key is read once per block of rows. It streams its keys and
+# values page by page and keeps scores, the running softmax and the outputs in L1;
+# each key and value row is loaded once for QUERY_CHUNK queries. When there are fewer
+# tasks than twice the workers (batch-1 decode), a sequence's keys are split between
 # tasks and a second pass merges their partial sums.
 #
 # Cache layout (MAX's KVCacheParams.shape_per_block, one multi-layer buffer):
@@ -25,7 +27,7 @@ from std.collections import Array
 from std.math import ceildiv, exp, iota
 from std.memory import stack_allocation
 from std.sys import simd_width_of, size_of
-from std.sys.intrinsics import prefetch
+from std.sys.intrinsics import PrefetchOptions, prefetch
 
 from .contiguity import require_contiguous
 from .cpu_scheduler import num_workers, run_dynamic
@@ -34,14 +36,11 @@ comptime F32 = DType.float32
 comptime FPtr = Pointer[Float32, MutAnyOrigin]
 comptime VW = simd_width_of[F32]()
 comptime MAX_QUERIES = 64     # queries (row, head) of one task: every head of a 30B/235B row
-comptime SPLIT_MIN_KEYS = 256 # keys per task at least, when a sequence's keys are split
+comptime SPLIT_MIN_KEYS = 256 # keys (of one KV head) per task at least, when a sequence's keys are split
 comptime KEY_BLOCK = 32       # keys scored per online-softmax step (a multiple of VW)
 comptime QUERY_CHUNK = 4      # queries sharing each key and value row load
 comptime MAX_HEAD_DIM = 128
-# A split task's partial sums in scratch: its outputs (MAX_QUERIES x MAX_HEAD_DIM), then
-# each query's running max and sum.
-comptime PARTIAL_STATS = MAX_QUERIES * MAX_HEAD_DIM
-comptime PARTIAL_SLOT = PARTIAL_STATS + 2 * MAX_QUERIES
+comptime ALL_HEADS_MIN_KEYS = 256   # a sequence's tasks take every KV head from this many keys on
 
 
 @always_inline
@@ -52,7 +51,7 @@ def _prefetch_rows[cdtype: DType](
     comptime LINE = 64 // size_of[cdtype]()
     for j in range(n):
         for d in range(0, D, LINE):
-            prefetch(rows.unsafe_offset(j * token_stride + d))
+            prefetch[PrefetchOptions().for_read().medium_locality()](rows.unsafe_offset(j * token_stride + d))
 
 
 @always_inline
@@ -130,29 +129,42 @@ def _chunk[cdtype: DType, QC: Int](
 
 
 struct _Task(ImplicitlyCopyable):
-    """Rows r0 ..< r1 of sequence b, KV head g (all its G query heads), keys k0 ..< k1;
-    split >= 0: the task's partial sums go to scratch slot split. Its queries are
-    ordered (row, head of the group): query i is row r0 + i // G, head g * G + i % G."""
+    """Rows r0 ..< r1 of sequence b, KV heads g0 ..< g1 (all their G query heads each),
+    keys k0 ..< k1; split >= 0: the task's partial sums go to scratch from offset split
+    (its outputs, queries x head_dim, then each query's running max and sum). Its
+    queries are ordered (KV head, row, head of the group): query i is KV head
+    g0 + i // (rows * G), row r0 + i % (rows * G) // G, query head of the group i % G."""
     var b: Int
     var r0: Int
     var r1: Int
-    var g: Int
+    var g0: Int
+    var g1: Int
     var k0: Int
     var k1: Int
     var split: Int
 
-    def __init__(out self, b: Int, r0: Int, r1: Int, g: Int, k0: Int, k1: Int, split: Int):
+    def __init__(out self, b: Int, r0: Int, r1: Int, g0: Int, g1: Int, k0: Int, k1: Int, split: Int):
         self.b = b
         self.r0 = r0
         self.r1 = r1
-        self.g = g
+        self.g0 = g0
+        self.g1 = g1
         self.k0 = k0
         self.k1 = k1
         self.split = split
 
+    def queries(self, G: Int) -> Int:
+        return (self.r1 - self.r0) * G * (self.g1 - self.g0)
+
+    def partial_size(self, G: Int, D: Int) -> Int:
+        """Floats of a split task's partial sums."""
+        return self.queries(G) * (D + 2)
+
     def row_offset(self, i: Int, row0: Int, H: Int, G: Int, D: Int) -> Int:
         """Where query i's row starts in q and out [T, H, D] (row0: the sequence's first row)."""
-        return ((row0 + self.r0 + i // G) * H + self.g * G + i % G) * D
+        var per_head = (self.r1 - self.r0) * G
+        var w = i % per_head
+        return ((row0 + self.r0 + w // G) * H + (self.g0 + i // per_head) * G + w % G) * D
 
 
 def _attend[dtype: DType, cdtype: DType](
@@ -169,7 +181,9 @@ def _attend[dtype: DType, cdtype: DType](
     """One task (see _Task) of a sequence whose first row is row0, key block by key block
     (a run inside one page). A final task writes out; a split task writes its
     unnormalised output, running max and sum to its slot of partial."""
-    var nq = (task.r1 - task.r0) * G
+    var nq = task.queries(G)
+    var per_head = (task.r1 - task.r0) * G   # queries of one KV head
+    var heads = task.g1 - task.g0
     var qs = rebind[FPtr](stack_allocation[MAX_QUERIES * MAX_HEAD_DIM, F32, alignment=64]())
     var os = rebind[FPtr](stack_allocation[MAX_QUERIES * MAX_HEAD_DIM, F32, alignment=64]())
     var ss = rebind[FPtr](stack_allocation[QUERY_CHUNK * KEY_BLOCK, F32, alignment=64]())
@@ -182,48 +196,55 @@ def _attend[dtype: DType, cdtype: DType](
             os[unsafe_offset=i * D + d] = 0
         m[unsafe_offset=i] = Float32.MIN
         l[unsafe_offset=i] = 0
-    # A key block is a run of up to KEY_BLOCK keys inside one page: its rows start at
-    # block_start(t) and lie token_stride apart (2 rows per 4 KiB page at medium's dims,
-    # which the hardware prefetchers do not follow), so the next block is prefetched.
-    def block_start(t: Int) {var pages, var page_size, var page_stride, var token_stride, var task, var D} -> Int:
-        return Int(pages[unsafe_offset=t // page_size]) * page_stride + (t % page_size) * token_stride + task.g * D
+    # A key block is a run of up to KEY_BLOCK keys inside one page: its rows (every KV
+    # head of a token) start at block_start(t) and lie token_stride apart; KV head g's
+    # part is at g * D (2 such parts per 4 KiB page at medium's dims, which the hardware
+    # prefetchers do not follow), so each head's part of the next block is prefetched.
+    def block_start(t: Int) {var pages, var page_size, var page_stride, var token_stride} -> Int:
+        return Int(pages[unsafe_offset=t // page_size]) * page_stride + (t % page_size) * token_stride
 
     def block_len(t: Int) {var page_size, var task} -> Int:
         return min(KEY_BLOCK, page_size - t % page_size, task.k1 - t)
 
     var t0 = task.k0
     if t0 < task.k1:  # the first block's keys; later ones are prefetched a block ahead
-        _prefetch_rows(kv.unsafe_offset(block_start(t0) + k_off), block_len(t0), token_stride, D)
+        _prefetch_rows(kv.unsafe_offset(block_start(t0) + k_off + task.g0 * D), block_len(t0), token_stride,
+                       heads * D)
     while t0 < task.k1:
         var bk = block_len(t0)
         var base = block_start(t0)
-        var kb = kv.unsafe_offset(base + k_off)
-        var vb = kv.unsafe_offset(base + v_off)
-        var next_kb = kb
+        var next_base = base
         var next_bk = 0
         if t0 + bk < task.k1:
-            next_kb = kv.unsafe_offset(block_start(t0 + bk) + k_off)
+            next_base = block_start(t0 + bk)
             next_bk = block_len(t0 + bk)
         var visible = cached + task.r0 + 1 - t0   # keys of this block the task's first row sees
-        var c0 = 0
-        while c0 + QUERY_CHUNK <= nq:  # the first chunk of queries prefetches for all
-            _chunk[cdtype, QUERY_CHUNK](qs.unsafe_offset(c0 * D), os.unsafe_offset(c0 * D), ss, m.unsafe_offset(c0),
-                                         l.unsafe_offset(c0), kb, vb, c0 == 0, next_kb, next_bk,
-                                         token_stride, D, bk, visible, c0, G, scale)
-            c0 += QUERY_CHUNK
-        while c0 < nq:
-            _chunk[cdtype, 1](qs.unsafe_offset(c0 * D), os.unsafe_offset(c0 * D), ss, m.unsafe_offset(c0),
-                              l.unsafe_offset(c0), kb, vb, c0 == 0, next_kb, next_bk,
-                              token_stride, D, bk, visible, c0, G, scale)
-            c0 += 1
+        for h in range(heads):   # KV head g0 + h: queries h * per_head ..< + per_head
+            var g_off = (task.g0 + h) * D
+            var kb = kv.unsafe_offset(base + k_off + g_off)
+            var vb = kv.unsafe_offset(base + v_off + g_off)
+            var next_kb = kv.unsafe_offset(next_base + k_off + g_off)
+            var c0 = 0
+            while c0 + QUERY_CHUNK <= per_head:  # the head's first chunk of queries prefetches for all
+                var c = h * per_head + c0
+                _chunk[cdtype, QUERY_CHUNK](qs.unsafe_offset(c * D), os.unsafe_offset(c * D), ss, m.unsafe_offset(c),
+                                             l.unsafe_offset(c), kb, vb, c0 == 0, next_kb, next_bk,
+                                             token_stride, D, bk, visible, c0, G, scale)
+                c0 += QUERY_CHUNK
+            while c0 < per_head:
+                var c = h * per_head + c0
+                _chunk[cdtype, 1](qs.unsafe_offset(c * D), os.unsafe_offset(c * D), ss, m.unsafe_offset(c),
+                                  l.unsafe_offset(c), kb, vb, c0 == 0, next_kb, next_bk,
+                                  token_stride, D, bk, visible, c0, G, scale)
+                c0 += 1
         t0 += bk
     if task.split >= 0:
-        var slot = partial.unsafe_offset(task.split * PARTIAL_SLOT)
+        var slot = partial.unsafe_offset(task.split)
         for i in range(nq):
             for d in range(D):
                 slot[unsafe_offset=i * D + d] = os[unsafe_offset=i * D + d]
-            slot[unsafe_offset=PARTIAL_STATS + 2 * i] = m[unsafe_offset=i]
-            slot[unsafe_offset=PARTIAL_STATS + 2 * i + 1] = l[unsafe_offset=i]
+            slot[unsafe_offset=nq * D + 2 * i] = m[unsafe_offset=i]
+            slot[unsafe_offset=nq * D + 2 * i + 1] = l[unsafe_offset=i]
         return
     for i in range(nq):
         var dst = o.unsafe_offset(task.row_offset(i, row0, H, G, D))
@@ -239,22 +260,23 @@ def _combine[dtype: DType](
     row0: Int, H: Int, G: Int, D: Int,
 ):
     """Merges the partial sums of `splits` split tasks (the first is task) into out:
-    sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s."""
-    var nq = (task.r1 - task.r0) * G
+    sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s (the splits' partial sums lie one after another)."""
+    var nq = task.queries(G)
+    var size = task.partial_size(G, D)
     for i in range(nq):
         var mx = Float32.MIN
         for s in range(splits):
-            mx = max(mx, partial[unsafe_offset=(task.split + s) * PARTIAL_SLOT + PARTIAL_STATS + 2 * i])
+            mx = max(mx, partial[unsafe_offset=task.split + s * size + nq * D + 2 * i])
         var total = Float32(0)
         for s in range(splits):
-            var stats = (task.split + s) * PARTIAL_SLOT + PARTIAL_STATS + 2 * i
+            var stats = task.split + s * size + nq * D + 2 * i
             total += exp(partial[unsafe_offset=stats] - mx) * partial[unsafe_offset=stats + 1]
         var dst = o.unsafe_offset(task.row_offset(i, row0, H, G, D))
         for d in range(D):
             var acc = Float32(0)
             for s in range(splits):
-                var slot = (task.split + s) * PARTIAL_SLOT
-                acc += exp(partial[unsafe_offset=slot + PARTIAL_STATS + 2 * i] - mx) * partial[unsafe_offset=slot + i * D + d]
+                var slot = task.split + s * size
+                acc += exp(partial[unsafe_offset=slot + nq * D + 2 * i] - mx) * partial[unsafe_offset=slot + i * D + d]
             dst[unsafe_offset=d] = (acc / total).cast[dtype]()
 
 
@@ -329,12 +351,18 @@ struct PagedAttention:
         var max_pages = lookup_table.dim_size(1)
         if G > MAX_QUERIES:
             raise Error(String(OP, ": more than ", MAX_QUERIES, " query heads per KV head"))
-        # Tasks: (sequence, block of rows, KV head), at most MAX_QUERIES (row, head)
-        # queries each; when they are fewer than twice the workers, their keys are split
-        # (at least SPLIT_MIN_KEYS each) and a second pass merges the splits. (Tasks of
-        # all KV heads, reading each page in memory order, measured no faster: one task
-        # at batch-1 decode leaves a core idle unless its keys are split, and the split's
-        # merge is a second fork/join.)
+        # Tasks: at most MAX_QUERIES (row, head) queries each. A sequence with at least
+        # ALL_HEADS_MIN_KEYS keys whose rows fit in one task with every head (decode)
+        # gets such a task: it reads whole cache rows (every KV head of a token)
+        # together. Per-KV-head tasks read 512-byte parts of rows 2 KiB apart (medium's
+        # dims), which from DRAM, where a decode step's weight streams leave the KV
+        # cache, took 1.25x (508 keys) to 1.6x (1,200) as long; below ~256 keys they
+        # are as fast and need no split. Other sequences (short ones, a prefill after a
+        # cached prefix) get (block of rows, KV head) tasks, which read each key once
+        # per block of rows. When the tasks are fewer than twice the workers, their
+        # keys are split (at least SPLIT_MIN_KEYS keys of one KV head each, in a
+        # multiple of the workers) and a second pass merges the splits.
+        var all_heads_rows = MAX_QUERIES // H   # 0 when H > MAX_QUERIES
         var rows_per_task = max(1, MAX_QUERIES // G)
         var base = List[_Task]()
         for b in range(B):
@@ -345,18 +373,25 @@ struct PagedAttention:
             var cached = Int(cache_lengths[b])
             if cached + hi - lo > max_pages * page_size:
                 raise Error(String(OP, ": a sequence's tokens exceed its lookup table row"))
+            if hi - lo <= all_heads_rows and cached + hi - lo >= ALL_HEADS_MIN_KEYS:
+                base.append(_Task(b, 0, hi - lo, 0, Hkv, 0, cached + hi - lo, -1))
+                continue
             for r0 in range(0, hi - lo, rows_per_task):
                 var r1 = min(r0 + rows_per_task, hi - lo)
                 for g in range(Hkv):
-                    base.append(_Task(b, r0, r1, g, 0, cached + r1, -1))
-        var want = 2 * num_workers(T * H)
+                    base.append(_Task(b, r0, r1, g, g + 1, 0, cached + r1, -1))
+        var workers = num_workers(T * H)
+        var want = 2 * workers
         var tasks = List[_Task]()
         var merges = List[Int]()   # index of each merged group's first task, then its split count
-        var n_splits = 0
+        var n_partial = 0   # floats of the split tasks' partial sums
         for t in base:
             var splits = 1
             if len(base) < want:
-                splits = max(1, min(ceildiv(want, len(base)), t.k1 // SPLIT_MIN_KEYS))
+                var min_keys = SPLIT_MIN_KEYS // 2 if t.g1 - t.g0 > 1 else SPLIT_MIN_KEYS
+                splits = max(1, min(ceildiv(want, len(base)), t.k1 // min_keys))
+                if splits > workers:
+                    splits -= splits % workers
             if splits == 1:
                 tasks.append(t)
                 continue
@@ -364,9 +399,9 @@ struct PagedAttention:
             merges.append(splits)
             var chunk = ceildiv(t.k1, splits)
             for s in range(splits):
-                tasks.append(_Task(t.b, t.r0, t.r1, t.g, s * chunk, min(t.k1, s * chunk + chunk), n_splits))
-                n_splits += 1
-        var partial = List[Float32](unsafe_uninit_length=n_splits * PARTIAL_SLOT)
+                tasks.append(_Task(t.b, t.r0, t.r1, t.g0, t.g1, s * chunk, min(t.k1, s * chunk + chunk), n_partial))
+                n_partial += t.partial_size(G, D)
+        var partial = List[Float32](unsafe_uninit_length=n_partial)
         var op = output.unsafe_ptr()
         var qp = q.unsafe_ptr()
         var kvp = kv_blocks.unsafe_ptr()
