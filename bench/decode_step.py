@@ -162,8 +162,8 @@ def step_breakdown(engine: Qwen3VL, batch: int, new_tokens: int, filler: int) ->
     return {k: round(v, 3) for k, v in parts.items()}
 
 
-def graph_alone_ms(engine: Qwen3VL, batch: int, repeats: int, filler: int) -> dict[str, float]:
-    """Median and least ms of the decoder graph run on one decode step's inputs over and over."""
+def decode_step_inputs(engine: Qwen3VL, batch: int, filler: int) -> tuple[Any, tuple[Any, ...]]:
+    """The compiled decoder graph and the inputs of one of its decode steps (a generate's third)."""
     graphs = pipeline_model_of(engine.pipeline)._models
     decoder = graphs[GraphRole.DECODER]
     captured: list[tuple[Any, ...]] = []
@@ -178,10 +178,16 @@ def graph_alone_ms(engine: Qwen3VL, batch: int, repeats: int, filler: int) -> di
         engine.generate(prompts(batch, filler), max_new_tokens=3, ignore_eos=True)
     finally:
         graphs[GraphRole.DECODER] = decoder
+    return decoder, captured[-1]
+
+
+def graph_alone_ms(engine: Qwen3VL, batch: int, repeats: int, filler: int) -> dict[str, float]:
+    """Median and least ms of the decoder graph run on one decode step's inputs over and over."""
+    decoder, inputs = decode_step_inputs(engine, batch, filler)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        decoder.execute(*captured[-1])
+        decoder.execute(*inputs)
         times.append(time.perf_counter() - t0)
     return {"median": round(1e3 * statistics.median(times), 3), "min": round(1e3 * min(times), 3)}
 

@@ -36,7 +36,7 @@ comptime F32 = DType.float32
 comptime FPtr = Pointer[Float32, MutAnyOrigin]
 comptime VW = simd_width_of[F32]()
 comptime MAX_QUERIES = 64     # queries (row, head) of one task: every head of a 30B/235B row
-comptime SPLIT_MIN_KEYS = 256 # keys (of one KV head) per task at least, when a sequence's keys are split
+comptime SPLIT_MIN_KEYS = 256 # keys per task at least, when a sequence's keys are split
 comptime KEY_BLOCK = 32       # keys scored per online-softmax step (a multiple of VW)
 comptime QUERY_CHUNK = 4      # queries sharing each key and value row load
 comptime MAX_HEAD_DIM = 128
@@ -360,8 +360,8 @@ struct PagedAttention:
         # are as fast and need no split. Other sequences (short ones, a prefill after a
         # cached prefix) get (block of rows, KV head) tasks, which read each key once
         # per block of rows. When the tasks are fewer than twice the workers, their
-        # keys are split (at least SPLIT_MIN_KEYS keys of one KV head each, in a
-        # multiple of the workers) and a second pass merges the splits.
+        # keys are split (at least SPLIT_MIN_KEYS keys each, half that for a task of
+        # several KV heads; in a multiple of the workers) and a second pass merges them.
         var all_heads_rows = MAX_QUERIES // H   # 0 when H > MAX_QUERIES
         var rows_per_task = max(1, MAX_QUERIES // G)
         var base = List[_Task]()
