@@ -356,7 +356,7 @@ struct PagedAttention:
         # gets such a task: it reads whole cache rows (every KV head of a token)
         # together. Per-KV-head tasks read 512-byte parts of rows 2 KiB apart (medium's
         # dims), which from DRAM, where a decode step's weight streams leave the KV
-        # cache, took 1.25x (508 keys) to 1.6x (1,200) as long; below ~256 keys they
+        # cache, took 1.5x (508 keys) to 1.6x (1,200) as long; below ~256 keys they
         # are as fast and need no split. Other sequences (short ones, a prefill after a
         # cached prefix) get (block of rows, KV head) tasks, which read each key once
         # per block of rows. When the tasks are fewer than twice the workers, their
