@@ -31,7 +31,7 @@ LOG_ENV = "op-log-level=TRACE"
 MARK = "MARK"
 
 
-def _measure(args: argparse.Namespace, log: Path, perf_data: Path) -> float:
+def _measure(args: argparse.Namespace, perf_data: Path) -> float:
     """Runs the decoder graph ``args.runs`` times under the op log and perf; median graph ms."""
     from decode_step import decode_step_inputs  # bench/ is on sys.path when run as a script
 
@@ -111,7 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:  # the measuring process: MAX reads MODULAR_DEBUG when it starts
         work = Path(args.child)
-        print(_measure(args, work / "ops.log", work / "perf.data"), file=sys.stdout, flush=True)
+        print(_measure(args, work / "perf.data"), file=sys.stdout, flush=True)
         return
     if shutil.which("perf") is None:
         sys.exit("op_times.py needs `perf` (linux-tools)")
